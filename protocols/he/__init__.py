@@ -1,0 +1,1 @@
+"""Homomorphic aggregation with TenSEAL (CKKS and BFV)."""

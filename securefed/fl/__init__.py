@@ -1,0 +1,1 @@
+"""The federated loop: clients, server optimizers, the in-process transport."""
