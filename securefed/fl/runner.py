@@ -1,0 +1,272 @@
+"""One federated experiment, end to end (server and clients in one process).
+
+Per round, as data (docs/architecture.md):
+
+1. sample clients (fixed m or Poisson q, seeded) and simulated dropouts;
+2. each sampled client loads the global adapter into the shared base model,
+   trains locally and returns ``delta`` (adapter tensors only);
+3. the configured aggregator's parties exchange byte messages through the
+   in-process transport; the server obtains ``sum w_i delta_i`` and ``sum w_i``;
+4. the server optimizer moves the global adapter;
+5. the round's metrics line is appended (and fsynced) to ``metrics.jsonl`` and
+   the adapter checkpoint replaced atomically, so a run that fails midway
+   keeps every finished round's outputs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+import torch
+from safetensors.numpy import save_file
+
+from securefed.assets.data import DatasetSplits, Example, fingerprint, load_dataset
+from securefed.assets.models import load_model
+from securefed.config import RunConfig, to_dict, to_toml
+from securefed.errors import ConfigError, DataError, RunError
+from securefed.fl.client import ClientUpdate, LocalTrainer
+from securefed.fl.partition import Partition, partition
+from securefed.fl.sampling import sample_clients, sample_dropouts
+from securefed.fl.server_opt import ServerOptimizer, make_server_optimizer
+from securefed.fl.transport import RoundOutcome, run_round
+from securefed.peft.registry import PEFT_METHODS
+from securefed.protocols import AGGREGATORS, Aggregator, ClientInput
+from securefed.protocols.errors import ProtocolError
+from securefed.tasks import Task, make_task
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+@dataclass
+class Progress:
+    """Callbacks for progress display (the CLI wires tqdm bars to these)."""
+
+    on_round: Callable[[int, int], None] = lambda r, n: None
+    on_client: Callable[[int, int, int], None] = lambda r, i, n: None
+    on_step: Callable[[int], None] = lambda k: None
+    on_message: Callable[[str], None] = lambda s: None
+
+
+@dataclass
+class Experiment:
+    """Everything a run holds in memory (built once; shared by all clients)."""
+
+    cfg: RunConfig
+    run_dir: Path
+    model: torch.nn.Module
+    task: Task
+    data: DatasetSplits
+    train: tuple[Example, ...]
+    eval_set: tuple[Example, ...]
+    parts: Partition
+    trainer: LocalTrainer
+    aggregator: Aggregator
+    server_opt: ServerOptimizer
+    global_vector: np.ndarray
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def prepare_run_dir(cfg: RunConfig, run_dir: Path | None) -> Path:
+    d = Path(run_dir) if run_dir else Path(cfg.run.output_dir) / cfg.run.name
+    if d.exists() and any(d.iterdir()):
+        if not cfg.run.overwrite:
+            raise RunError(f"run directory {d} exists and is not empty: set run.overwrite=true or choose another run.name")
+        shutil.rmtree(d)
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def build_experiment(cfg: RunConfig, run_dir: Path, progress: Progress | None = None) -> Experiment:
+    prog = progress or Progress()
+    if cfg.run.threads:
+        torch.set_num_threads(cfg.run.threads)
+    data = load_dataset(cfg.data.name, seed=cfg.run.seed, test_fraction=cfg.data.test_fraction)
+    if data.kind == "instruction" and cfg.data.task != "instruction":
+        raise ConfigError(f"{cfg.data.name} is an instruction data set: set data.task = \"instruction\"", key="data.task")
+    if data.kind == "classification" and cfg.data.task == "instruction":
+        raise ConfigError(f"{cfg.data.name} is a classification data set", key="data.task")
+    train = data.train[: cfg.data.train_examples] if cfg.data.train_examples else data.train
+    model_task = "seq-cls" if cfg.data.task == "seq-cls" else "causal-lm"
+    prog.on_message(f"loading model {cfg.model.name}")
+    loaded = load_model(cfg.model.name, task=model_task, num_labels=max(2, len(data.label_names)),
+                        dtype=_DTYPES[cfg.model.dtype], seed=cfg.run.seed, cache=cfg.run.cache_dir)
+    method = PEFT_METHODS.get(cfg.peft.method)
+    with torch.random.fork_rng():
+        torch.manual_seed(cfg.run.seed)
+        model = method.apply(loaded.model, cfg.peft.options(), task=model_task)
+    model.eval()
+    spec = method.spec(model)
+    task = make_task(cfg.data.task, loaded.tokenizer, dataset=cfg.data.name, max_length=cfg.data.max_length,
+                     template=cfg.data.template, label_words=cfg.data.label_words or None,
+                     n_labels=len(data.label_names))
+    parts = partition(train, cfg.partition.clients, cfg.partition.scheme, alpha=cfg.partition.alpha,
+                      seed=cfg.run.seed, min_size=cfg.partition.min_size)
+    trainer = LocalTrainer(model, method, spec, task, cfg.train, seed=cfg.run.seed, progress=prog.on_step)
+    aggregator = AGGREGATORS.create(cfg.aggregation.name, **cfg.aggregation.options)
+    eval_set = data.test[: cfg.eval.max_examples]
+    return Experiment(cfg, run_dir, model, task, data, train, eval_set, parts, trainer, aggregator,
+                      make_server_optimizer(cfg.server), trainer.current_vector())
+
+
+def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    with path.open("a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def save_adapter(exp: Experiment, round_index: int) -> None:
+    state = {k: v.numpy() for k, v in exp.trainer.spec.unflatten(exp.global_vector).items()}
+    meta = {"round": str(round_index), "spec": exp.trainer.spec.to_json(), "model": exp.cfg.model.name}
+    _atomic_write(exp.run_dir / "adapter.safetensors", lambda p: save_file(state, str(p), metadata=meta))
+
+
+def evaluate(exp: Experiment) -> dict[str, float]:
+    exp.trainer.load_global(exp.global_vector)
+    return exp.task.evaluate(exp.model, exp.eval_set, exp.cfg.eval.batch_size)
+
+
+def run_one_round(exp: Experiment, r: int, progress: Progress) -> dict[str, Any]:
+    cfg = exp.cfg
+    t_round = time.perf_counter()
+    clients = sample_clients(exp.parts.n_clients, r, cfg.sampling, cfg.run.seed)
+    dropouts = sample_dropouts(clients, cfg.dropout.rate, cfg.dropout.stage, r, cfg.run.seed)
+    trained = [c for c in clients if dropouts.get(c) != "start"]
+    updates: dict[int, ClientUpdate] = {}
+    t_train = 0.0
+    for i, c in enumerate(trained):
+        progress.on_client(r, i, len(trained))
+        ex = [exp.train[j] for j in exp.parts.indices[c]]
+        if not ex:
+            raise DataError(f"client {c} has an empty data set")
+        t0 = time.perf_counter()
+        updates[c] = exp.trainer.train(c, r, exp.global_vector, ex)
+        t_train += time.perf_counter() - t0
+    record: dict[str, Any] = {"round": r, "sampled": list(clients), "dropped": {str(k): v for k, v in dropouts.items()}}
+    t_agg0 = time.perf_counter()
+    outcome: RoundOutcome | None = None
+    if updates:
+        inputs = {}
+        for c, u in updates.items():
+            exp.trainer.spec.check(u.delta)
+            w = float(u.num_examples) if cfg.server.weighted else 1.0
+            inputs[c] = ClientInput(u.delta, w)
+        try:
+            outcome = run_round(exp.aggregator.new_round(r, inputs), exp.aggregator.stages,
+                                {c: s for c, s in dropouts.items() if c in inputs})
+        except ProtocolError as err:
+            record["aborted"] = f"{type(err).__name__}: {err}"
+    t_agg = time.perf_counter() - t_agg0
+    t_upd0 = time.perf_counter()
+    if outcome is not None:
+        res = outcome.result
+        if res.total.shape[0] != exp.trainer.spec.dim or not np.isfinite(res.total).all():
+            raise RunError("aggregate has the wrong length or non-finite entries")
+        avg = res.total / max(res.total_weight, 1e-12)
+        exp.global_vector = exp.server_opt.step(exp.global_vector, avg)
+        record.update(
+            contributors=list(res.contributors),
+            total_weight=res.total_weight,
+            aggregation=dict(res.measurements),
+            bytes_up={str(k): v for k, v in outcome.traffic.up.items()},
+            # Each trained client first downloaded the global adapter (float32) from the server.
+            bytes_down={str(k): v + 4 * exp.trainer.spec.dim * (k in updates) for k, v in outcome.traffic.down.items()},
+            excluded={str(k): v for k, v in outcome.excluded.items()},
+            train_loss=float(np.mean([updates[c].metrics["train_loss"] for c in res.contributors if c in updates])),
+            update_norm=float(np.linalg.norm(avg)),
+        )
+    t_upd = time.perf_counter() - t_upd0
+    save_adapter(exp, r)
+    t_eval0 = time.perf_counter()
+    last = r == cfg.train.rounds
+    if last or r % cfg.eval.every == 0:
+        record["eval"] = evaluate(exp)
+    t_eval = time.perf_counter() - t_eval0
+    wall = time.perf_counter() - t_round
+    record["time"] = {"train": t_train, "aggregate": t_agg, "server_update": t_upd, "eval": t_eval, "round": wall,
+                      "overhead": wall - t_train - t_eval}
+    record["rss_mb"] = psutil.Process().memory_info().rss / 2**20
+    return record
+
+
+def run_experiment(cfg: RunConfig, run_dir: Path | None = None, progress: Progress | None = None) -> dict[str, Any]:
+    """Run ``cfg``; write the outputs under ``run_dir``; return the summary."""
+    prog = progress or Progress()
+    t_start = time.perf_counter()
+    d = prepare_run_dir(cfg, run_dir)
+    (d / "config.toml").write_text(to_toml(cfg), encoding="utf-8")
+    exp = build_experiment(cfg, d, prog)
+    n_labels = len(exp.data.label_names)
+    part_info = {
+        "scheme": cfg.partition.scheme,
+        "sizes": exp.parts.sizes(),
+        "label_histograms": exp.parts.label_histograms(exp.train, n_labels) if n_labels else None,
+        "label_names": list(exp.data.label_names),
+    }
+    (d / "partition.json").write_text(json.dumps(part_info, indent=1), encoding="utf-8")
+    metrics_path = d / "metrics.jsonl"
+    baseline: dict[str, float] | None = None
+    if cfg.eval.before:
+        prog.on_message("evaluating the initial model")
+        t0 = time.perf_counter()
+        baseline = evaluate(exp)
+        _append_jsonl(metrics_path, {"round": 0, "eval": baseline, "time": {"eval": time.perf_counter() - t0}})
+    for r in range(1, cfg.train.rounds + 1):
+        prog.on_round(r, cfg.train.rounds)
+        record = run_one_round(exp, r, prog)
+        exp.history.append(record)
+        _append_jsonl(metrics_path, record)
+    summary = summarize(exp, baseline, part_info, time.perf_counter() - t_start)
+    (d / "summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
+    from securefed.report import write_report
+
+    write_report(d, summary, exp.history)
+    return summary
+
+
+def summarize(exp: Experiment, baseline: dict[str, float] | None, part_info: dict[str, Any], seconds: float) -> dict[str, Any]:
+    cfg = exp.cfg
+    final = next((h["eval"] for h in reversed(exp.history) if "eval" in h), None)
+    up = [v for h in exp.history for v in (h.get("bytes_up") or {}).values()]
+    down = [v for h in exp.history for v in (h.get("bytes_down") or {}).values()]
+    times = [h["time"] for h in exp.history]
+    return {
+        "run": cfg.run.name,
+        "config": to_dict(cfg),
+        "model": cfg.model.name,
+        "dataset": cfg.data.name,
+        "task": cfg.data.task,
+        "peft_method": cfg.peft.method,
+        "adapter_parameters": exp.trainer.spec.dim,
+        "aggregation": cfg.aggregation.name,
+        "rounds": cfg.train.rounds,
+        "clients": cfg.partition.clients,
+        "train_fingerprint": fingerprint(exp.train),
+        "baseline_eval": baseline,
+        "final_eval": final,
+        "aborted_rounds": [h["round"] for h in exp.history if "aborted" in h],
+        "mean_bytes_up_per_client": float(np.mean(up)) if up else 0.0,
+        "mean_bytes_down_per_client": float(np.mean(down)) if down else 0.0,
+        "time_seconds": {
+            "total": seconds,
+            "train": float(sum(t["train"] for t in times)),
+            "aggregate": float(sum(t["aggregate"] for t in times)),
+            "eval": float(sum(t["eval"] for t in times)),
+        },
+        "partition_sizes": part_info["sizes"],
+    }
