@@ -17,10 +17,29 @@ from __future__ import annotations
 import os
 
 import numpy as np
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.ciphers import Cipher, CipherContext, algorithms, modes
 
 SEED_BYTES = 32
 _ZERO_NONCE = bytes(16)
+#: AES block size: keystream positions are addressable at this granularity.
+BLOCK_BYTES = 16
+
+
+def ctr_encryptor(seed: bytes, byte_offset: int = 0) -> CipherContext:
+    """The AES-256-CTR encryptor of :class:`KeyStream` positioned ``byte_offset`` bytes in.
+
+    The counter block starts at zero (the all-zero IV) and counts blocks as a
+    128-bit big-endian integer, so byte ``i`` of the stream of ``seed`` is the
+    same whichever offset a reader started from. This is what lets the mask
+    expansion in :mod:`securefed.protocols.secagg.masking` split one stream
+    across threads. ``byte_offset`` must be a multiple of 16.
+    """
+    if not isinstance(seed, bytes) or len(seed) != SEED_BYTES:
+        raise ValueError(f"KeyStream seed must be exactly {SEED_BYTES} bytes")
+    if byte_offset < 0 or byte_offset % BLOCK_BYTES:
+        raise ValueError(f"byte_offset must be a non-negative multiple of {BLOCK_BYTES}")
+    counter = (byte_offset // BLOCK_BYTES).to_bytes(BLOCK_BYTES, "big")
+    return Cipher(algorithms.AES(seed), modes.CTR(counter)).encryptor()
 
 
 class KeyStream:
@@ -31,10 +50,8 @@ class KeyStream:
     """
 
     def __init__(self, seed: bytes) -> None:
-        if not isinstance(seed, bytes) or len(seed) != SEED_BYTES:
-            raise ValueError(f"KeyStream seed must be exactly {SEED_BYTES} bytes")
         # A fixed all-zero IV is safe because every seed is used for one stream only.
-        self._enc = Cipher(algorithms.AES(seed), modes.CTR(_ZERO_NONCE)).encryptor()
+        self._enc = ctr_encryptor(seed)
 
     @classmethod
     def fresh(cls) -> KeyStream:
@@ -43,7 +60,7 @@ class KeyStream:
 
     def fill(self, out: np.ndarray) -> np.ndarray:
         """Overwrite ``out`` (any contiguous integer/float buffer) with keystream bytes."""
-        buf = memoryview(out).cast("B")
+        buf = byte_view(out)
         n = len(buf)
         if n:
             # Encrypting zeros yields the raw keystream, written straight into ``out``.
@@ -104,6 +121,11 @@ class KeyStream:
 _ZERO_CACHE: dict[str, np.ndarray] = {}
 
 
+def byte_view(a: np.ndarray) -> memoryview:
+    """A writable byte view of a contiguous array (the ``update_into`` target)."""
+    return a.data.cast("B")
+
+
 def _zeros(n: int) -> memoryview:
     """A shared read-only zero buffer of at least ``n`` bytes (grown on demand)."""
     z = _ZERO_CACHE.get("z")
@@ -111,7 +133,7 @@ def _zeros(n: int) -> memoryview:
         z = np.zeros(max(n, 1 << 20), dtype=np.uint8)
         z.setflags(write=False)
         _ZERO_CACHE["z"] = z
-    return memoryview(z).cast("B")
+    return byte_view(z)
 
 
 def random_seed() -> bytes:

@@ -25,16 +25,31 @@ the knobs to change.
 is summed securely too (the protocol appends it as one more encoded entry), so
 the server learns only the two sums, never an individual weight. Bounding the
 weight by ``max_weight`` is what makes the capacity proof possible.
+
+**Two rounding paths.** :meth:`FixedPointEncoder.encode` draws a 53-bit
+uniform per entry and works on whole-vector float64 copies. The SecAgg client
+hot path uses :class:`ChunkQuantizer` (and :meth:`FixedPointEncoder.encode_fast`
+built on it) instead: the same clip-scale-round-wrap steps, cache-sized chunks,
+preallocated buffers and a 32-bit uniform per entry taken from a
+position-addressable AES-256-CTR stream (so threads can split a vector). The
+32-bit uniform ``u = r / 2^32`` makes ``P[round up]`` equal to the fractional
+part rounded up to a multiple of ``2^-32``: exactly unbiased whenever the
+scaled value has at most 32 fractional bits (e.g. every float32 entry with
+``|x * 2^f| >= 2^-8`` at weight 1) and biased by less than ``2^-32`` of one
+quantization step otherwise, far below float32 input resolution. Halving the
+random bytes is what keeps encoding within budget next to mask expansion
+(performance-limits.md §2.2).
 """
 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import numpy as np
 
-from .csprng import KeyStream
+from .csprng import SEED_BYTES, KeyStream, byte_view, ctr_encryptor
 from .errors import ConfigurationError, OverflowRiskError
 
 
@@ -120,6 +135,21 @@ class FixedPointEncoder:
         np.floor(y, out=y)
         return EncodedVector(values=self._to_ring(y.astype(np.int64)), clipped=clipped)
 
+    def encode_fast(
+        self, x: np.ndarray, weight: float = 1.0, rounding_seed: bytes | None = None
+    ) -> EncodedVector:
+        """Encode ``weight * clip(x)`` with :class:`ChunkQuantizer` (32-bit rounding uniforms).
+
+        ``rounding_seed`` (32 bytes) makes the result reproducible: entry ``i``
+        uses the ``i``-th little-endian uint32 of the AES-256-CTR stream of that
+        seed, exactly as the SecAgg client does. ``None`` draws a fresh seed from
+        :func:`os.urandom`.
+        """
+        if x.ndim != 1:
+            raise ValueError("encode expects a 1-D vector")
+        seed = rounding_seed if rounding_seed is not None else os.urandom(SEED_BYTES)
+        return _fast_encode(self, x, weight, seed)
+
     def encode_integers(self, ints: np.ndarray) -> np.ndarray:
         """Two's-complement map already-integer values (e.g. integer DP noise) into the ring."""
         return self._to_ring(np.asarray(ints, dtype=np.int64))
@@ -150,3 +180,96 @@ class FixedPointEncoder:
     def decode_sum(self, total: np.ndarray) -> np.ndarray:
         """Decode a ring sum of encoded vectors to float64 (``sum w_i clip(x_i)``)."""
         return self.to_signed(total).astype(np.float64) * 2.0**-self.scale_bits
+
+
+#: Random bits consumed per entry by :class:`ChunkQuantizer` (one little-endian uint32).
+ROUNDING_BITS = 32
+_INV_2_32 = 2.0**-32
+
+
+class ChunkQuantizer:
+    """Clip, scale and stochastically round float chunks into ring integers, in place.
+
+    One instance per (encoder, weight); buffers are allocated once for chunks
+    of up to ``chunk`` entries and reused, so the per-chunk work is five NumPy
+    passes over cache-resident memory and no allocation. Not thread-safe: give
+    each thread its own instance.
+
+    Clipping after scaling is bit-identical to :meth:`FixedPointEncoder.encode`
+    order (clip, then scale): rounding is monotone, so ``fl(x*s)`` is clamped
+    exactly at ``fl(c*s)``.
+    """
+
+    def __init__(self, encoder: FixedPointEncoder, weight: float, chunk: int) -> None:
+        if not (math.isfinite(weight) and 0 <= weight <= encoder.max_weight):
+            raise ConfigurationError(f"weight {weight} outside [0, max_weight={encoder.max_weight}]")
+        if chunk < 1:
+            raise ValueError("chunk must be positive")
+        self.encoder = encoder
+        self._scale = float(weight) * 2.0**encoder.scale_bits
+        self._limit = encoder.clip * self._scale
+        self._y = np.empty(chunk, dtype=np.float64)
+        self._u = np.empty(chunk, dtype=np.float64)
+
+    def count_clipped(self, x: np.ndarray) -> int:
+        """Entries of ``x`` with ``|x| > clip``; raises ``ValueError`` on NaN/Inf.
+
+        Two reductions answer the common case (nothing to clip, all finite)
+        without a temporary array.
+        """
+        if x.shape[0] == 0:
+            return 0
+        lo, hi = float(x.min()), float(x.max())
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            raise ValueError("cannot encode NaN or Inf entries")
+        c = self.encoder.clip
+        if -c <= lo and hi <= c:
+            return 0
+        if x.dtype == np.float32:
+            # For float32 x, ``x > c`` (real comparison) iff ``x > c32`` where c32 is
+            # the largest float32 <= c: no float64 copy of the vector needed.
+            c32 = np.float32(c)
+            if float(c32) > c:
+                c32 = np.nextafter(c32, np.float32(-np.inf))
+            return int(np.count_nonzero(x > c32) + np.count_nonzero(x < -c32))
+        x64 = np.asarray(x, dtype=np.float64)
+        return int(np.count_nonzero(x64 > c) + np.count_nonzero(x64 < -c))
+
+    def quantize_into(self, x: np.ndarray, rand: np.ndarray, out: np.ndarray, *, clip: bool) -> None:
+        """``out[i] = floor(clip(x[i]) * w * 2^f + rand[i] / 2^32)`` as signed integers.
+
+        ``rand`` is a uint32 chunk of CSPRNG output; ``out`` is an int32 (b <= 32)
+        or int64 (b > 32) view of the ring buffer: two's complement does the
+        wrap into ``Z_{2^32}`` / ``Z_{2^64}``; callers mask to ``b`` bits.
+        """
+        n = x.shape[0]
+        y = self._y[:n]
+        u = self._u[:n]
+        np.multiply(x, self._scale, out=y, dtype=np.float64)
+        if clip:
+            np.clip(y, -self._limit, self._limit, out=y)
+        np.multiply(rand, _INV_2_32, out=u, dtype=np.float64)
+        y += u
+        np.floor(y, out=y)
+        np.copyto(out, y, casting="unsafe")
+
+
+def _fast_encode(
+    encoder: FixedPointEncoder, x: np.ndarray, weight: float, rounding_seed: bytes, chunk: int = 16384
+) -> EncodedVector:
+    q = ChunkQuantizer(encoder, weight, chunk)
+    clipped = q.count_clipped(x)
+    d = x.shape[0]
+    out = np.empty(d, dtype=encoder.dtype)
+    signed = out.view(np.int32 if encoder.dtype == np.uint32 else np.int64)
+    rand = np.empty(chunk, dtype=np.uint32)
+    zeros = bytes(4 * chunk)
+    enc = ctr_encryptor(rounding_seed)
+    for lo in range(0, d, chunk):
+        hi = min(d, lo + chunk)
+        r = rand[: hi - lo]
+        enc.update_into(zeros[: 4 * (hi - lo)], byte_view(r))
+        q.quantize_into(x[lo:hi], r, signed[lo:hi], clip=clipped > 0)
+    if encoder.modulus_bits not in (32, 64):
+        out &= encoder.dtype((1 << encoder.modulus_bits) - 1)
+    return EncodedVector(values=out, clipped=clipped)

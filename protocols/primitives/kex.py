@@ -58,6 +58,11 @@ def private_bytes(sk: X25519PrivateKey) -> bytes:
     )
 
 
+def public_bytes(sk: X25519PrivateKey) -> bytes:
+    """The raw 32-byte public key of ``sk`` (e.g. to check a reconstructed key)."""
+    return sk.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
 def private_from_bytes(raw: bytes) -> X25519PrivateKey:
     if len(raw) != KEY_BYTES:
         raise DecodeError(f"X25519 private key must be {KEY_BYTES} bytes, got {len(raw)}")
@@ -69,6 +74,28 @@ def load_public(raw: bytes) -> X25519PublicKey:
     if not isinstance(raw, bytes) or len(raw) != PUBLIC_KEY_BYTES:
         raise DecodeError(f"X25519 public key must be {PUBLIC_KEY_BYTES} bytes")
     return X25519PublicKey.from_public_bytes(raw)
+
+
+# Not a secret: a fixed scalar used only to test peer keys for small order.
+_PROBE = X25519PrivateKey.from_private_bytes(bytes(range(1, 33)))
+
+
+def check_public(raw: bytes) -> None:
+    """Refuse a public key that is malformed or of small order.
+
+    A small-order point gives the all-zero shared secret with *every* private
+    key (scalars are clamped to multiples of 8), which ``cryptography`` refuses
+    at exchange time; probing with a fixed key finds it up front, so a server
+    can exclude the advertiser instead of forwarding a key its peers would
+    choke on.
+
+    Raises:
+        DecodeError: wrong length or small-order point.
+    """
+    try:
+        _PROBE.exchange(load_public(raw))
+    except ValueError as err:
+        raise DecodeError(f"invalid X25519 public key: {err}") from err
 
 
 def hkdf(secret: bytes, info: bytes, length: int = KEY_BYTES, salt: bytes | None = None) -> bytes:
