@@ -2,10 +2,13 @@
 
 * ``securefed run [--config FILE] [--set key=value ...]``: run an experiment.
 * ``securefed assets [--prepare]``: list (and prepare) the embedded model and data.
+* ``securefed attack RUN_DIR --attack NAME``: run an attack on the server views a
+  run recorded (``attack.record = true``).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -121,6 +124,25 @@ def assets(
             typer.echo(f"  {d}")
     except SecurefedError as err:
         _fail(err)
+
+
+@app.command()
+def attack(
+    run_dir: Annotated[Path, typer.Argument(help="a run directory recorded with attack.record = true")],
+    name: Annotated[str, typer.Option("--attack", "-a", help="registered attack name, e.g. dager")] = "dager",
+    targets: Annotated[str, typer.Option("--targets", help="'all', 'aggregate' or 'individual'")] = "all",
+) -> None:
+    """Run an attack on exactly what the server held in each recorded round."""
+    _quiet_libraries()
+    from securefed.attacks import run_attack
+    from securefed.attacks.errors import AttackError
+
+    try:
+        report = run_attack(run_dir, name, targets=targets)
+    except (AttackError, SecurefedError) as err:
+        _fail(err)
+    typer.echo(json.dumps(report["summary"], indent=1))
+    typer.echo(f"details in {run_dir / 'attacks' / (name + '.json')}")
 
 
 def main() -> None:

@@ -134,3 +134,19 @@ def test_one_real_smollm2_round(tmp_path: Path) -> None:
     assert summary["adapter_parameters"] == 30 * (8 * 576 + 576 * 8 + 8 * 576 + 192 * 8) == 460_800
     rec = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
     assert rec["contributors"] == [0, 1] and rec["update_norm"] > 0
+
+
+def test_recorded_views_feed_the_attack_cli(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from securefed.cli import app
+
+    cfg = load_config(overrides=[*TINY, "train.rounds=1", "eval.before=false", "attack.record=true",
+                                 'train.optimizer="sgd"', "train.lr=0.1", "train.local_steps=1", "train.batch_size=1"])
+    run_experiment(cfg, tmp_path)
+    assert (tmp_path / "views").is_dir()
+    result = CliRunner().invoke(app, ["attack", str(tmp_path), "--attack", "bag-of-tokens"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "attacks" / "bag-of-tokens.json").exists()
+    bad = CliRunner().invoke(app, ["attack", str(tmp_path), "--attack", "no-such-attack"])
+    assert bad.exit_code == 2 and "error" in bad.output

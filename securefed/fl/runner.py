@@ -141,6 +141,37 @@ def evaluate(exp: Experiment) -> dict[str, float]:
     return exp.task.evaluate(exp.model, exp.eval_set, exp.cfg.eval.batch_size)
 
 
+def record_view(exp: Experiment, r: int, g0: np.ndarray, outcome: RoundOutcome,
+                updates: dict[int, ClientUpdate]) -> None:
+    """Write what the server held this round (plus the experimenter's truth) under ``views/``.
+
+    The ``ServerView`` is built only from the protocol's ``ServerObservation``
+    and public knowledge; the texts each client trained on are stored apart as
+    :class:`EvaluationTruth`, which attacks refuse and only metrics read.
+    """
+    from securefed.attacks import EvaluationTruth, PublicKnowledge, ServerView, save_views
+    from securefed.fl.client import batch_order, local_steps
+
+    cfg = exp.cfg
+    used: dict[int, tuple[str, ...]] = {}
+    for c in updates:
+        ex = [exp.train[j] for j in exp.parts.indices[c]]
+        steps = local_steps(len(ex), cfg.train)
+        order = batch_order(len(ex), steps * cfg.train.grad_accum, cfg.train.batch_size, (cfg.run.seed, r, c))
+        used[c] = tuple(ex[i].text for i in sorted({int(i) for b in order for i in b}))
+    public = PublicKnowledge(
+        model_name=cfg.model.name, spec=exp.trainer.spec, global_vector=g0, peft_method=cfg.peft.method,
+        peft_config={"r": cfg.peft.r, "alpha": cfg.peft.alpha, "target_modules": tuple(cfg.peft.target_modules)},
+        round_index=r, learning_rate=cfg.train.lr, local_steps=cfg.train.local_steps,
+        local_optimizer=cfg.train.optimizer, batch_size=cfg.train.batch_size,
+        task="seq-cls" if cfg.data.task == "seq-cls" else "causal-lm",
+        num_labels=max(2, len(exp.data.label_names)), model_seed=cfg.run.seed,
+        max_length=cfg.data.max_length, text_template=getattr(exp.task, "template", None),
+    )
+    save_views(exp.run_dir / "views", [ServerView.from_observation(outcome.observation, public)],
+               [EvaluationTruth(r, used)])
+
+
 def run_one_round(exp: Experiment, r: int, progress: Progress) -> dict[str, Any]:
     cfg = exp.cfg
     t_round = time.perf_counter()
@@ -173,6 +204,7 @@ def run_one_round(exp: Experiment, r: int, progress: Progress) -> dict[str, Any]
             record["aborted"] = f"{type(err).__name__}: {err}"
     t_agg = time.perf_counter() - t_agg0
     t_upd0 = time.perf_counter()
+    g0 = exp.global_vector.copy()
     if outcome is not None:
         res = outcome.result
         if res.total.shape[0] != exp.trainer.spec.dim or not np.isfinite(res.total).all():
@@ -191,6 +223,8 @@ def run_one_round(exp: Experiment, r: int, progress: Progress) -> dict[str, Any]
             update_norm=float(np.linalg.norm(avg)),
         )
     t_upd = time.perf_counter() - t_upd0
+    if cfg.attack.record and outcome is not None:
+        record_view(exp, r, g0, outcome, updates)
     save_adapter(exp, r)
     t_eval0 = time.perf_counter()
     last = r == cfg.train.rounds
