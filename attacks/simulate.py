@@ -25,11 +25,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from securefed.protocols.base import AGGREGATORS, ClientInput, ServerObservation
-from securefed.protocols.csprng import KeyStream
 from torch import nn
 
 from securefed.peft.spec import AdapterSpec
+from securefed.protocols.base import AGGREGATORS, ClientInput, ServerObservation
+from securefed.protocols.csprng import KeyStream
 
 from .target import decoder_layers
 

@@ -32,9 +32,9 @@ from types import MappingProxyType
 from typing import Any
 
 import numpy as np
-from securefed.protocols.base import ServerObservation
 
 from securefed.peft.spec import AdapterSpec
+from securefed.protocols.base import ServerObservation
 
 from .errors import ViewMismatchError
 

@@ -45,6 +45,9 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from securefed.assets.data import Example, load_dataset
+from securefed.assets.models import load_model
 from securefed.attacks import ATTACKS, PublicKnowledge, ServerView, score_texts
 from securefed.attacks.simulate import (
     clipped_gradient_sum,
@@ -56,11 +59,8 @@ from securefed.attacks.simulate import (
     sgd_update,
 )
 from securefed.attacks.text import strip_template
-from securefed.protocols import AGGREGATORS
-
-from securefed.assets.data import Example, load_dataset
-from securefed.assets.models import load_model
 from securefed.privacy.calibrate import calibrate_noise_multiplier
+from securefed.protocols import AGGREGATORS
 from securefed.tasks import TEMPLATES, make_task
 
 LR = 1e-2

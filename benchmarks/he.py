@@ -57,6 +57,7 @@ from typing import Any
 
 import numpy as np
 import tenseal as ts
+
 from securefed.protocols.he import messages as m
 from securefed.protocols.he.codec import (
     CiphertextSum,

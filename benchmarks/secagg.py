@@ -64,13 +64,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from securefed.fl.transport import run_round
 from securefed.protocols import AGGREGATORS, ClientInput
 from securefed.protocols.csprng import byte_view, ctr_encryptor
 from securefed.protocols.encoding import ChunkQuantizer, FixedPointEncoder
 from securefed.protocols.errors import ConfigurationError, RoundAbortedError
 from securefed.protocols.secagg.masking import MaskStream, apply_masks, encode_and_mask
-
-from securefed.fl.transport import run_round
 
 CLIP = 8.0
 SCALE_BITS = 18  # 2^22 levels over [-8, 8], Flower's default step

@@ -6,6 +6,8 @@ import copy
 
 import pytest
 import torch
+from transformers import BertConfig, BertForSequenceClassification
+
 from securefed.attacks import ATTACKS, PublicKnowledge, ServerView
 from securefed.attacks.analytic import invert_linear
 from securefed.attacks.simulate import (
@@ -18,7 +20,6 @@ from securefed.attacks.simulate import (
     tiny_llama,
     word_tokenizer,
 )
-from transformers import BertConfig, BertForSequenceClassification
 
 TEXTS = ["the score swells over every scene", "a dull and tired sequel"]
 

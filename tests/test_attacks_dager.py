@@ -13,6 +13,7 @@ import copy
 import numpy as np
 import pytest
 import torch
+
 from securefed.attacks import ATTACKS, PublicKnowledge, ServerView, score_texts
 from securefed.attacks.llama import LlamaFirstLayer
 from securefed.attacks.simulate import (

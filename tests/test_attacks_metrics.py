@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from securefed.attacks.metrics import score_bag, score_texts, token_accuracy
 
 

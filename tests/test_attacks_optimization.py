@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+
 from securefed.attacks import (
     ATTACKS,
     EvaluationTruth,

@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
+
 from securefed.attacks import (
     ATTACKS,
     AttackConfigError,
@@ -31,9 +32,8 @@ from securefed.attacks.simulate import (
     tiny_llama,
     word_tokenizer,
 )
-from securefed.protocols.base import ServerObservation
-
 from securefed.peft.spec import AdapterSpec, TensorSpec
+from securefed.protocols.base import ServerObservation
 
 TEXTS = ["a quiet film about loss", "loud and empty"]
 

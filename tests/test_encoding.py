@@ -12,6 +12,7 @@ import pytest
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from securefed.protocols.encoding import ChunkQuantizer, FixedPointEncoder
 from securefed.protocols.errors import ConfigurationError, OverflowRiskError
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import securefed.protocols.he.client as client_mod
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats
+
+import securefed.protocols.he.client as client_mod
+from securefed.fl.transport import run_round
 from securefed.protocols import ClientInput
 from securefed.protocols.csprng import KeyStream
 from securefed.protocols.errors import ConfigurationError, RoundAbortedError
@@ -16,8 +18,6 @@ from securefed.protocols.he import messages as m
 from securefed.protocols.he.codec import decrypt_chunks, load_chunks
 from securefed.protocols.he.hybrid import apply_mask, pairwise_mask, uniform_mod
 from securefed.protocols.primitives import kex
-
-from securefed.fl.transport import run_round
 
 
 def test_uniform_mod_is_uniform_and_deterministic() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from securefed.protocols.he.codec import decrypt_chunks, encrypt_slots, load_chunks
 from securefed.protocols.he.keys import generate_key, load_secret_context
 from securefed.protocols.he.parallel import encrypt_in_parallel, split_chunks

@@ -9,6 +9,7 @@ import pytest
 import tenseal as ts
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from securefed.protocols.errors import ConfigurationError
 from securefed.protocols.he import params as P
 

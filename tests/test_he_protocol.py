@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+from securefed.fl.transport import run_round
 from securefed.protocols import AGGREGATORS, AUTHORITY, SERVER, ClientInput, Message
 from securefed.protocols.errors import ConfigurationError, DecodeError, RoundAbortedError
 from securefed.protocols.he import BFVAggregator, CKKSAggregator, HEAggregator
@@ -20,8 +22,6 @@ from securefed.protocols.he.errors import (
     SecretKeyExposureError,
 )
 from securefed.protocols.he.keys import generate_key, key_id_of, load_server_context
-
-from securefed.fl.transport import run_round
 
 MODES = ("client-held", "key-authority")
 

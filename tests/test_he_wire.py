@@ -7,6 +7,7 @@ import pytest
 import tenseal as ts
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from securefed.protocols.errors import DecodeError, IntegrityError
 from securefed.protocols.he import messages as m
 from securefed.protocols.he.codec import (

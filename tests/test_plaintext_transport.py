@@ -9,7 +9,12 @@ from hypothesis import strategies as st
 
 from securefed.fl.transport import run_round
 from securefed.protocols import AGGREGATORS, SERVER, ClientInput, Message
-from securefed.protocols.errors import ConfigurationError, DecodeError, LocalProtocolError, RoundAbortedError
+from securefed.protocols.errors import (
+    ConfigurationError,
+    DecodeError,
+    LocalProtocolError,
+    RoundAbortedError,
+)
 from securefed.protocols.plaintext import decode_upload, encode_upload
 from securefed.protocols.wire import pack
 

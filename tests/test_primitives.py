@@ -23,6 +23,7 @@ import pytest
 import sympy
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
 from securefed.protocols.csprng import KeyStream, ctr_encryptor
 from securefed.protocols.errors import ConfigurationError, DecodeError, IntegrityError
 from securefed.protocols.primitives import aead, kex, shamir, sign

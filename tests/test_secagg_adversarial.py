@@ -6,6 +6,9 @@ import dataclasses
 
 import numpy as np
 import pytest
+from test_secagg_harness import Stepper, exact_inputs, expected_total, make
+
+from securefed.fl.transport import run_round
 from securefed.protocols import SERVER, ClientInput, Message
 from securefed.protocols.errors import (
     DecodeError,
@@ -28,9 +31,6 @@ from securefed.protocols.secagg.messages import (
     UnmaskRequest,
     UnmaskResponse,
 )
-from test_secagg_harness import Stepper, exact_inputs, expected_total, make
-
-from securefed.fl.transport import run_round
 
 N, D = 8, 6
 LIMITS = Limits(N, D + 2, 32)

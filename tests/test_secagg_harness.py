@@ -12,10 +12,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
-from securefed.protocols import AGGREGATORS, ClientInput, Message
-from securefed.protocols.secagg import SecAggAggregator, SecAggRound
 
 from securefed.fl.transport import run_round
+from securefed.protocols import AGGREGATORS, ClientInput, Message
+from securefed.protocols.secagg import SecAggAggregator, SecAggRound
 
 SCALE_BITS = 16
 

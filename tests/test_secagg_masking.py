@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 from scipy import stats
-from securefed.protocols import ClientInput
-from securefed.protocols.encoding import FixedPointEncoder
-from securefed.protocols.secagg.masking import MaskStream, encode_and_mask
 from test_secagg_harness import make
 
 from securefed.fl.transport import run_round
+from securefed.protocols import ClientInput
+from securefed.protocols.encoding import FixedPointEncoder
+from securefed.protocols.secagg.masking import MaskStream, encode_and_mask
 
 
 def test_masked_vectors_of_a_constant_input_are_uniform() -> None:

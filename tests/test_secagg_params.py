@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats
+
 from securefed.protocols.errors import ConfigurationError
 from securefed.protocols.secagg.params import (
     NeighbourGraph,

@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
+from test_secagg_harness import exact_inputs, expected_total, make
+
+from securefed.fl.transport import run_round
 from securefed.protocols import AGGREGATORS, ClientInput
 from securefed.protocols.errors import ConfigurationError, OverflowRiskError, RoundAbortedError
 from securefed.protocols.secagg import STAGES, NeighbourGraph, NonFiniteUpdateError, SecAggRound
 from securefed.protocols.secagg.messages import Kind, Limits, UnmaskResponse, peek_kind
-from test_secagg_harness import exact_inputs, expected_total, make
-
-from securefed.fl.transport import run_round
 
 DROP_CHOICES = [None, "start", *STAGES]
 

@@ -10,6 +10,8 @@ import itertools
 
 import numpy as np
 import pytest
+from test_secagg_harness import Stepper, exact_inputs, make
+
 from securefed.protocols import SERVER, Message
 from securefed.protocols.errors import LocalProtocolError, RoundAbortedError, UnexpectedMessageError
 from securefed.protocols.secagg import (
@@ -20,7 +22,6 @@ from securefed.protocols.secagg import (
 )
 from securefed.protocols.secagg.messages import STAGE_OF, Kind, peek_kind
 from securefed.protocols.secagg.server import ACCEPTS
-from test_secagg_harness import Stepper, exact_inputs, make
 
 N, D = 6, 3
 

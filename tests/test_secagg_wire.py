@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_secagg_harness import Stepper, exact_inputs, make
+
 from securefed.protocols.errors import DecodeError, IntegrityError, RemoteProtocolError
 from securefed.protocols.primitives import aead
 from securefed.protocols.secagg.messages import (
@@ -26,7 +28,6 @@ from securefed.protocols.secagg.messages import (
     decode,
     peek_kind,
 )
-from test_secagg_harness import Stepper, exact_inputs, make
 
 N, D = 6, 5
 LIMITS = Limits(N, D + 2, 32)

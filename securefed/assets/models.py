@@ -26,7 +26,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from transformers import (
@@ -184,8 +184,9 @@ def _tiny_bert(task: Task, num_labels: int, seed: int) -> LoadedModel:
     tok = AutoTokenizer.from_pretrained(_minilm_dir())
     cfg = BertConfig(
         vocab_size=tok.vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=128, num_labels=num_labels,
+        intermediate_size=128,
     )
+    cfg.num_labels = num_labels
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = AutoModelForSequenceClassification.from_config(cfg)
@@ -222,7 +223,8 @@ def load_model(
         loaded = loaders[name]()
         if task == "seq-cls" and name != "tiny-bert":
             loaded = _to_seq_cls(loaded, num_labels, seed)
-        return LoadedModel(loaded.model.to(dtype), loaded.tokenizer, name)
+        model: Any = loaded.model  # transformers types .to() through a decorator mypy cannot follow
+        return LoadedModel(model.to(dtype), loaded.tokenizer, name)
     if name == "smollm2-135m":
         path: Path | str = prepare_model(name, cache) or smollm2_dir(cache)
     elif name == "minilm-l6":

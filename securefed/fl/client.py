@@ -40,7 +40,7 @@ class ClientUpdate:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
-def make_optimizer(params: list[nn.Parameter], cfg: TrainSection) -> torch.optim.Optimizer:
+def make_optimizer(params: list[torch.Tensor], cfg: TrainSection) -> torch.optim.Optimizer:
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adam":

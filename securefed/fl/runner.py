@@ -30,7 +30,7 @@ import torch
 from safetensors.numpy import save_file
 
 from securefed.assets.data import DatasetSplits, Example, fingerprint, load_dataset
-from securefed.assets.models import load_model
+from securefed.assets.models import Task, load_model
 from securefed.config import RunConfig, to_dict, to_toml
 from securefed.errors import ConfigError, DataError, RunError
 from securefed.fl.client import ClientUpdate, LocalTrainer
@@ -41,7 +41,8 @@ from securefed.fl.transport import RoundOutcome, run_round
 from securefed.peft.registry import PEFT_METHODS
 from securefed.protocols import AGGREGATORS, Aggregator, ClientInput
 from securefed.protocols.errors import ProtocolError
-from securefed.tasks import Task, make_task
+from securefed.tasks import Task as TrainTask
+from securefed.tasks import make_task
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
@@ -63,7 +64,7 @@ class Experiment:
     cfg: RunConfig
     run_dir: Path
     model: torch.nn.Module
-    task: Task
+    task: TrainTask
     data: DatasetSplits
     train: tuple[Example, ...]
     eval_set: tuple[Example, ...]
@@ -95,7 +96,7 @@ def build_experiment(cfg: RunConfig, run_dir: Path, progress: Progress | None = 
     if data.kind == "classification" and cfg.data.task == "instruction":
         raise ConfigError(f"{cfg.data.name} is a classification data set", key="data.task")
     train = data.train[: cfg.data.train_examples] if cfg.data.train_examples else data.train
-    model_task = "seq-cls" if cfg.data.task == "seq-cls" else "causal-lm"
+    model_task: Task = "seq-cls" if cfg.data.task == "seq-cls" else "causal-lm"
     prog.on_message(f"loading model {cfg.model.name}")
     loaded = load_model(cfg.model.name, task=model_task, num_labels=max(2, len(data.label_names)),
                         dtype=_DTYPES[cfg.model.dtype], seed=cfg.run.seed, cache=cfg.run.cache_dir)

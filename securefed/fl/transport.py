@@ -16,7 +16,13 @@ from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from securefed.protocols.base import SERVER, AggregateResult, AggregationRound, Message, ServerObservation
+from securefed.protocols.base import (
+    SERVER,
+    AggregateResult,
+    AggregationRound,
+    Message,
+    ServerObservation,
+)
 from securefed.protocols.errors import LocalProtocolError, RemoteProtocolError
 
 #: Stage name meaning "dropped before the protocol started" (never trained or uploaded).

@@ -97,7 +97,7 @@ class LoraMethod(PeftMethod):
             )
         cfg = LoraConfig(
             r=options.r,
-            lora_alpha=options.alpha,
+            lora_alpha=options.alpha,  # type: ignore[arg-type]  # peft annotates int; floats work
             lora_dropout=options.dropout,
             target_modules=list(options.target_modules),
             task_type=TaskType.SEQ_CLS if task == "seq-cls" else TaskType.CAUSAL_LM,

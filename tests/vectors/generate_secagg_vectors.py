@@ -20,6 +20,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+
 from securefed.protocols.encoding import FixedPointEncoder
 from securefed.protocols.primitives import kex, shamir
 from securefed.protocols.secagg.keys import encryption_context, mask_context
