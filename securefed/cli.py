@@ -145,6 +145,21 @@ def attack(
     typer.echo(f"details in {run_dir / 'attacks' / (name + '.json')}")
 
 
+@app.command("privacy-report")
+def privacy_report(
+    run_dir: Annotated[Path, typer.Argument(help="a run directory with a privacy ledger")],
+) -> None:
+    """Write privacy-report.md, .json and an epsilon-per-round PNG from a run's ledger."""
+    from securefed.privacy.report import write_privacy_report
+
+    try:
+        paths = write_privacy_report(run_dir)
+    except SecurefedError as err:
+        _fail(err)
+    for kind, path in paths.items():
+        typer.echo(f"{kind}: {path}")
+
+
 def main() -> None:
     try:
         app()

@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 from securefed.errors import ConfigError
 from securefed.peft.registry import AdapterOptions
+from securefed.privacy.config import DPConfig
 
 DEFAULT_CONFIG = Path(__file__).with_name("configs") / "default.toml"
 
@@ -198,6 +199,7 @@ class RunConfig:
     dropout: DropoutSection = field(default_factory=DropoutSection)
     eval: EvalSection = field(default_factory=EvalSection)
     attack: AttackSection = field(default_factory=AttackSection)
+    dp: DPConfig = field(default_factory=DPConfig)
 
 
 # ---------------------------------------------------------------- generic mapping

@@ -150,3 +150,9 @@ def test_recorded_views_feed_the_attack_cli(tmp_path: Path) -> None:
     assert (tmp_path / "attacks" / "bag-of-tokens.json").exists()
     bad = CliRunner().invoke(app, ["attack", str(tmp_path), "--attack", "no-such-attack"])
     assert bad.exit_code == 2 and "error" in bad.output
+
+
+def test_dp_settings_are_refused_until_the_loop_applies_them(tmp_path: Path) -> None:
+    cfg = load_config(overrides=[*TINY, "dp.sample.enabled=true", "dp.sample.noise_multiplier=1.0"])
+    with pytest.raises(ConfigError, match="not yet applied"):
+        run_experiment(cfg, tmp_path)
