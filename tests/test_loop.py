@@ -156,3 +156,18 @@ def test_dp_settings_are_refused_until_the_loop_applies_them(tmp_path: Path) -> 
     cfg = load_config(overrides=[*TINY, "dp.sample.enabled=true", "dp.sample.noise_multiplier=1.0"])
     with pytest.raises(ConfigError, match="not yet applied"):
         run_experiment(cfg, tmp_path)
+
+
+def test_secure_aggregation_in_the_loop_and_misconfiguration_propagates(tmp_path: Path) -> None:
+    from securefed.protocols.errors import ConfigurationError
+
+    ok = load_config(overrides=[*TINY, "train.rounds=1", "eval.before=false", 'aggregation.name="secagg+"',
+                                "server.weighted=false", "aggregation.options={dropout_rate = 0.0}"])
+    run_experiment(ok, tmp_path / "a")
+    rec = json.loads((tmp_path / "a" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert rec["contributors"] == [0, 1, 2] and "aborted" not in rec
+    # Weighted FedAvg needs max_weight >= the example counts: an error, not a silently aborted round.
+    bad = load_config(overrides=[*TINY, "train.rounds=1", "eval.before=false", 'aggregation.name="secagg+"',
+                                 "aggregation.options={dropout_rate = 0.0}"])
+    with pytest.raises(ConfigurationError, match="max_weight"):
+        run_experiment(bad, tmp_path / "b")

@@ -40,7 +40,7 @@ from securefed.fl.server_opt import ServerOptimizer, make_server_optimizer
 from securefed.fl.transport import RoundOutcome, run_round
 from securefed.peft.registry import PEFT_METHODS
 from securefed.protocols import AGGREGATORS, Aggregator, ClientInput
-from securefed.protocols.errors import ProtocolError
+from securefed.protocols.errors import RoundAbortedError
 from securefed.tasks import Task as TrainTask
 from securefed.tasks import make_task
 
@@ -210,7 +210,8 @@ def run_one_round(exp: Experiment, r: int, progress: Progress) -> dict[str, Any]
         try:
             outcome = run_round(exp.aggregator.new_round(r, inputs), exp.aggregator.stages,
                                 {c: s for c, s in dropouts.items() if c in inputs})
-        except ProtocolError as err:
+        except RoundAbortedError as err:
+            # Too few survivors: the global model stays as it was. Configuration errors propagate.
             record["aborted"] = f"{type(err).__name__}: {err}"
     t_agg = time.perf_counter() - t_agg0
     t_upd0 = time.perf_counter()
