@@ -171,3 +171,16 @@ def test_secure_aggregation_in_the_loop_and_misconfiguration_propagates(tmp_path
                                  "aggregation.options={dropout_rate = 0.0}"])
     with pytest.raises(ConfigurationError, match="max_weight"):
         run_experiment(bad, tmp_path / "b")
+
+
+@pytest.mark.parametrize("name", ["ckks", "bfv"])
+def test_homomorphic_aggregation_in_the_loop(name: str, tmp_path: Path) -> None:
+    cfg = load_config(overrides=[*TINY, "train.rounds=1", "eval.before=false", f'aggregation.name="{name}"',
+                                 "server.weighted=false", "attack.record=true"])
+    run_experiment(cfg, tmp_path)
+    rec = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    assert rec["contributors"] == [0, 1, 2] and rec["update_norm"] > 0
+    from securefed.attacks import load_views
+
+    (view,) = load_views(tmp_path / "views")
+    assert view.ciphertexts and not view.individual_updates  # the server holds ciphertexts only
