@@ -19,7 +19,7 @@ export TOKENIZERS_PARALLELISM := false
 .PHONY: run test install prepare lint typecheck bench clean
 
 run: prepare
-	$(VENV)/bin/securefed run
+	$(VENV)/bin/securefed run --set run.overwrite=true
 
 test: prepare
 	$(PY) -m pytest -q $(PYTEST_ARGS)
