@@ -184,3 +184,11 @@ def test_homomorphic_aggregation_in_the_loop(name: str, tmp_path: Path) -> None:
 
     (view,) = load_views(tmp_path / "views")
     assert view.ciphertexts and not view.individual_updates  # the server holds ciphertexts only
+
+
+def test_round_with_every_client_dropped_is_marked_aborted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = load_config(overrides=[*TINY, "train.rounds=1", "eval.before=false"])
+    monkeypatch.setattr(runner, "sample_dropouts", lambda clients, *a: {c: "start" for c in clients})
+    run_experiment(cfg, tmp_path)
+    rec = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    assert "aborted" in rec and "contributors" not in rec

@@ -213,6 +213,8 @@ def run_one_round(exp: Experiment, r: int, progress: Progress) -> dict[str, Any]
         except RoundAbortedError as err:
             # Too few survivors: the global model stays as it was. Configuration errors propagate.
             record["aborted"] = f"{type(err).__name__}: {err}"
+    if not updates:
+        record["aborted"] = "every sampled client dropped before training"
     t_agg = time.perf_counter() - t_agg0
     t_upd0 = time.perf_counter()
     g0 = exp.global_vector.copy()

@@ -16,7 +16,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -131,7 +131,7 @@ class PeftRegistry:
     def names(self) -> tuple[str, ...]:
         return tuple(sorted(self._methods))
 
-    def items(self) -> list[tuple[str, Any]]:
+    def items(self) -> list[tuple[str, PeftMethod]]:
         return sorted(self._methods.items())
 
 
