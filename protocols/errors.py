@@ -55,3 +55,12 @@ class RoundAbortedError(ProtocolError):
 
     The server learns nothing beyond what it held when the round aborted.
     """
+
+
+class TooFewClientsError(RoundAbortedError, ConfigurationError):
+    """Too few clients entered a round for the protocol to hide any one of them (e.g. one client in SecAgg).
+
+    A round-level condition (Poisson sampling or dropouts can cause it), so the
+    loop treats it as an aborted round; it is also a ``ConfigurationError`` for
+    callers that build rounds by hand.
+    """

@@ -98,6 +98,13 @@ def run(
         b = base.get(k)
         f = final.get(k)
         typer.echo(f"  {k}: before {b:.4f} -> after {f:.4f}" if b is not None and f is not None else f"  {k}: {f}")
+    spent = (summary.get("privacy") or {}).get("spent") or {}
+    for level in ("sample", "user"):
+        if f"{level}_epsilon" in spent:
+            typer.echo(f"  {level}-level DP: epsilon {spent[f'{level}_epsilon']:.3f} at delta {spent[f'{level}_delta']:.1e} "
+                       f"({spent['accountant']}); see privacy-report.md")
+    if summary.get("stopped"):
+        typer.echo(f"  stopped before round {summary['stopped']['round']}: {summary['stopped']['message']}")
     typer.echo(f"  wall time {summary['time_seconds']['total']:.0f} s; outputs in {out}/ (report.md, summary.json)")
 
 

@@ -152,12 +152,6 @@ def test_recorded_views_feed_the_attack_cli(tmp_path: Path) -> None:
     assert bad.exit_code == 2 and "error" in bad.output
 
 
-def test_dp_settings_are_refused_until_the_loop_applies_them(tmp_path: Path) -> None:
-    cfg = load_config(overrides=[*TINY, "dp.sample.enabled=true", "dp.sample.noise_multiplier=1.0"])
-    with pytest.raises(ConfigError, match="not yet applied"):
-        run_experiment(cfg, tmp_path)
-
-
 def test_secure_aggregation_in_the_loop_and_misconfiguration_propagates(tmp_path: Path) -> None:
     from securefed.protocols.errors import ConfigurationError
 
@@ -192,3 +186,13 @@ def test_round_with_every_client_dropped_is_marked_aborted(tmp_path: Path, monke
     run_experiment(cfg, tmp_path)
     rec = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
     assert "aborted" in rec and "contributors" not in rec
+
+
+def test_one_client_under_secure_aggregation_aborts_the_round(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Poisson sampling or dropouts can leave one client; SecAgg cannot hide it, so the round aborts.
+    monkeypatch.setattr(runner, "sample_clients", lambda n, r, cfg, seed: (1,))
+    cfg = load_config(overrides=[*TINY, "train.rounds=1", "eval.before=false", 'aggregation.name="secagg"',
+                                 "server.weighted=false", "eval.max_examples=4"])
+    run_experiment(cfg, tmp_path)
+    rec = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    assert rec["aborted"].startswith("TooFewClientsError") and "update_norm" not in rec

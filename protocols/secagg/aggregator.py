@@ -41,7 +41,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from ..base import AGGREGATORS, AggregateResult, AggregationRound, Aggregator, ClientInput
 from ..encoding import FixedPointEncoder
-from ..errors import ConfigurationError
+from ..errors import ConfigurationError, TooFewClientsError
 from ..primitives import sign
 from .client import SecAggClient
 from .config import SecAggConfig
@@ -169,7 +169,8 @@ class SecAggAggregator(Aggregator):
         """Create the server and clients of one round.
 
         Raises:
-            ConfigurationError: fewer than 2 clients, unequal lengths, a weight above
+            TooFewClientsError: fewer than 2 clients (a RoundAbortedError and a ConfigurationError).
+            ConfigurationError: unequal lengths, a weight above
                 ``max_weight``, a parameter the finder cannot satisfy.
             OverflowRiskError: ``n`` encoded updates could wrap the ring (names the knobs).
             NonFiniteUpdateError: an update contains NaN or Inf.
@@ -177,7 +178,7 @@ class SecAggAggregator(Aggregator):
         cfg = self.config
         ids = tuple(sorted(inputs))
         if len(ids) < 2:
-            raise ConfigurationError(
+            raise TooFewClientsError(
                 f"{self.name} needs at least 2 clients per round (got {len(ids)}): the sum of one update is the update"
             )
         if not 0 <= round_index < 1 << 63:

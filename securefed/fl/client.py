@@ -17,6 +17,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -28,6 +29,11 @@ from securefed.errors import DataError, UpdateError
 from securefed.peft.registry import PeftMethod
 from securefed.peft.spec import AdapterSpec
 from securefed.tasks import Task
+
+if TYPE_CHECKING:
+    from securefed.privacy.config import SampleDPConfig
+    from securefed.privacy.dp_sgd import DPSGDResult
+    from securefed.privacy.secure_noise import NoiseSource
 
 
 @dataclass(frozen=True)
@@ -154,3 +160,64 @@ class LocalTrainer:
                 "train_seconds": time.perf_counter() - t0,
             },
         )
+
+    def train_private(self, client_id: int, round_index: int, global_vector: np.ndarray,
+                      examples: Sequence[Example], *, dp: SampleDPConfig, noise_multiplier: float,
+                      noise: NoiseSource) -> tuple[ClientUpdate, DPSGDResult]:
+        """Sample-level DP-SGD (Abadi et al., CCS 2016) from ``global_vector``; return the delta and the release.
+
+        ``train.local_steps`` Poisson batches of expected size ``train.batch_size``
+        (rate q = B / n), per-example clipping to ``dp.clip`` and Gaussian noise
+        ``noise_multiplier * dp.clip`` drawn from ``noise``
+        (:func:`securefed.privacy.train_dp_sgd`). The learning-rate schedule is
+        applied between steps (post-processing). The returned
+        :class:`~securefed.privacy.dp_sgd.DPSGDResult` carries the DP event the
+        ledger records for this client.
+
+        Raises:
+            DataError: the client has no examples.
+            UnsupportedMethodError: the PEFT method fails the per-sample oracle in ``dp.mode``.
+            UpdateError: training produced NaN/Inf.
+        """
+        from securefed.privacy.dp_sgd import train_dp_sgd
+
+        if not examples:
+            raise DataError(f"client {client_id} has no training examples")
+        t0 = time.perf_counter()
+        cfg = self.cfg
+        self.load_global(global_vector)
+        params = list(self.method.trainable_state(self.model).values())
+        opt = make_optimizer(params, cfg)
+        steps = cfg.local_steps
+
+        def before_step(step: int) -> None:
+            for g in opt.param_groups:
+                g["lr"] = cfg.lr * lr_factor(step, steps, cfg)
+            if self.progress and step:
+                self.progress(1)
+
+        try:
+            res = train_dp_sgd(
+                self.model, list(examples), make_batch=self.task.batch, per_example_loss=self.task.per_example_loss,
+                optimizer=opt, steps=steps, expected_batch_size=cfg.batch_size, noise_multiplier=noise_multiplier,
+                clip=dp.clip, noise=noise, mode=dp.mode, method=self.method.name, before_step=before_step,
+            )
+        finally:
+            self.model.eval()
+        if self.progress:
+            self.progress(1)
+        delta = self.current_vector() - global_vector
+        if not np.isfinite(delta).all():
+            raise UpdateError(f"client {client_id} produced a NaN/Inf update under DP-SGD; lower train.lr")
+        update = ClientUpdate(
+            client_id=client_id,
+            delta=delta.astype(np.float32),
+            num_examples=len(examples),
+            metrics={
+                "train_loss": float(np.mean(res.losses)) if res.losses else float("nan"),
+                "steps": float(steps),
+                "train_seconds": time.perf_counter() - t0,
+                "mean_batch_size": float(np.mean(res.batch_sizes)) if res.batch_sizes else 0.0,
+            },
+        )
+        return update, res

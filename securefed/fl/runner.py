@@ -35,11 +35,14 @@ from securefed.config import RunConfig, to_dict, to_toml
 from securefed.errors import ConfigError, DataError, RunError
 from securefed.fl.client import ClientUpdate, LocalTrainer
 from securefed.fl.partition import Partition, partition
+from securefed.fl.private import LoopPrivacy, spent_record
 from securefed.fl.sampling import sample_clients, sample_dropouts
 from securefed.fl.server_opt import ServerOptimizer, make_server_optimizer
 from securefed.fl.transport import RoundOutcome, run_round
 from securefed.peft.registry import PEFT_METHODS
-from securefed.protocols import AGGREGATORS, Aggregator, ClientInput
+from securefed.privacy.dp_sgd import DPSGDResult
+from securefed.privacy.errors import BudgetExceededError
+from securefed.protocols import AGGREGATORS, AggregateResult, Aggregator, ClientInput
 from securefed.protocols.errors import RoundAbortedError
 from securefed.tasks import Task as TrainTask
 from securefed.tasks import make_task
@@ -73,6 +76,7 @@ class Experiment:
     aggregator: Aggregator
     server_opt: ServerOptimizer
     global_vector: np.ndarray
+    privacy: LoopPrivacy | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -88,15 +92,6 @@ def prepare_run_dir(cfg: RunConfig, run_dir: Path | None) -> Path:
 
 def build_experiment(cfg: RunConfig, run_dir: Path, progress: Progress | None = None) -> Experiment:
     prog = progress or Progress()
-    if cfg.dp.enabled:
-        # The privacy package (securefed.privacy) is complete, but this loop does not yet
-        # follow its per-round call order (docs/differential-privacy.md §9). Refuse rather
-        # than run without the noise the config asks for.
-        raise ConfigError(
-            "dp.sample / dp.user are not yet applied by the federated loop; remove the dp settings, "
-            "or use securefed.privacy directly (see docs/differential-privacy.md)",
-            key="dp",
-        )
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     data = load_dataset(cfg.data.name, seed=cfg.run.seed, test_fraction=cfg.data.test_fraction)
@@ -123,8 +118,12 @@ def build_experiment(cfg: RunConfig, run_dir: Path, progress: Progress | None = 
     trainer = LocalTrainer(model, method, spec, task, cfg.train, seed=cfg.run.seed, progress=prog.on_step)
     aggregator = AGGREGATORS.create(cfg.aggregation.name, **cfg.aggregation.options)
     eval_set = data.test[: cfg.eval.max_examples]
+    privacy = None
+    if cfg.dp.enabled:
+        privacy = LoopPrivacy.open(cfg, run_dir, model=model, client_sizes=parts.sizes(),
+                                   train_fingerprint=fingerprint(train))
     return Experiment(cfg, run_dir, model, task, data, train, eval_set, parts, trainer, aggregator,
-                      make_server_optimizer(cfg.server), trainer.current_vector())
+                      make_server_optimizer(cfg.server), trainer.current_vector(), privacy)
 
 
 def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
@@ -183,12 +182,23 @@ def record_view(exp: Experiment, r: int, g0: np.ndarray, outcome: RoundOutcome,
 
 
 def run_one_round(exp: Experiment, r: int, progress: Progress) -> dict[str, Any]:
+    """One round; under DP in the order of :mod:`securefed.fl.private` (plan, train, release, commit, apply).
+
+    Raises:
+        BudgetExceededError: the round would pass a privacy budget; nothing of it ran.
+    """
     cfg = exp.cfg
+    priv = exp.privacy
     t_round = time.perf_counter()
-    clients = sample_clients(exp.parts.n_clients, r, cfg.sampling, cfg.run.seed)
+    dim = exp.trainer.spec.dim
+    secret_sample = priv.sample_clients(exp.parts.n_clients) if priv else None
+    clients = secret_sample if secret_sample is not None else sample_clients(
+        exp.parts.n_clients, r, cfg.sampling, cfg.run.seed)
     dropouts = sample_dropouts(clients, cfg.dropout.rate, cfg.dropout.stage, r, cfg.run.seed)
     trained = [c for c in clients if dropouts.get(c) != "start"]
+    ticket = priv.plan(r, trained) if priv else None
     updates: dict[int, ClientUpdate] = {}
+    dp_runs: dict[int, DPSGDResult | None] = {}
     t_train = 0.0
     for i, c in enumerate(trained):
         progress.on_client(r, i, len(trained))
@@ -196,7 +206,10 @@ def run_one_round(exp: Experiment, r: int, progress: Progress) -> dict[str, Any]
         if not ex:
             raise DataError(f"client {c} has an empty data set")
         t0 = time.perf_counter()
-        updates[c] = exp.trainer.train(c, r, exp.global_vector, ex)
+        if priv:
+            updates[c], dp_runs[c] = priv.train(exp.trainer, c, r, exp.global_vector, ex)
+        else:
+            updates[c] = exp.trainer.train(c, r, exp.global_vector, ex)
         t_train += time.perf_counter() - t0
     record: dict[str, Any] = {"round": r, "sampled": list(clients), "dropped": {str(k): v for k, v in dropouts.items()}}
     t_agg0 = time.perf_counter()
@@ -205,35 +218,46 @@ def run_one_round(exp: Experiment, r: int, progress: Progress) -> dict[str, Any]
         inputs = {}
         for c, u in updates.items():
             exp.trainer.spec.check(u.delta)
-            w = float(u.num_examples) if cfg.server.weighted else 1.0
-            inputs[c] = ClientInput(u.delta, w)
+            if priv:
+                inputs[c] = priv.client_input(u, cfg.server.weighted)
+            else:
+                inputs[c] = ClientInput(u.delta, float(u.num_examples) if cfg.server.weighted else 1.0)
         try:
             outcome = run_round(exp.aggregator.new_round(r, inputs), exp.aggregator.stages,
                                 {c: s for c, s in dropouts.items() if c in inputs})
         except RoundAbortedError as err:
-            # Too few survivors: the global model stays as it was. Configuration errors propagate.
+            # Too few survivors: no aggregate (user-level DP still releases its noise). Config errors propagate.
             record["aborted"] = f"{type(err).__name__}: {err}"
     if not updates:
-        record["aborted"] = "every sampled client dropped before training"
+        record["aborted"] = "every sampled client dropped before training" if clients else "no client was sampled"
     t_agg = time.perf_counter() - t_agg0
     t_upd0 = time.perf_counter()
     g0 = exp.global_vector.copy()
-    if outcome is not None:
-        res = outcome.result
-        if res.total.shape[0] != exp.trainer.spec.dim or not np.isfinite(res.total).all():
-            raise RunError("aggregate has the wrong length or non-finite entries")
-        avg = res.total / max(res.total_weight, 1e-12)
+    res: AggregateResult | None = outcome.result if outcome is not None else None
+    if res is not None and (res.total.shape[0] != (priv.payload_dim(dim) if priv else dim)
+                            or not np.isfinite(res.total).all()):
+        raise RunError("aggregate has the wrong length or non-finite entries")
+    avg: np.ndarray | None
+    if priv and ticket is not None:
+        # The ledger commit comes before the new model exists anywhere (docs/differential-privacy.md §9).
+        rel = priv.release(ticket, res, dim, dp_runs)
+        avg = rel.average
+        record["privacy"] = spent_record(rel.spent) | {k: v for k, v in rel.info.items() if v is not None}
+    else:
+        avg = res.total / max(res.total_weight, 1e-12) if res is not None else None
+    if avg is not None:
         exp.global_vector = exp.server_opt.step(exp.global_vector, avg)
+        record["update_norm"] = float(np.linalg.norm(avg))
+    if outcome is not None and res is not None:
         record.update(
             contributors=list(res.contributors),
             total_weight=res.total_weight,
             aggregation=dict(res.measurements),
             bytes_up={str(k): v for k, v in outcome.traffic.up.items()},
             # Each trained client first downloaded the global adapter (float32) from the server.
-            bytes_down={str(k): v + 4 * exp.trainer.spec.dim * (k in updates) for k, v in outcome.traffic.down.items()},
+            bytes_down={str(k): v + 4 * dim * (k in updates) for k, v in outcome.traffic.down.items()},
             excluded={str(k): v for k, v in outcome.excluded.items()},
             train_loss=float(np.mean([updates[c].metrics["train_loss"] for c in res.contributors if c in updates])),
-            update_norm=float(np.linalg.norm(avg)),
         )
     t_upd = time.perf_counter() - t_upd0
     if cfg.attack.record and outcome is not None:
@@ -273,12 +297,38 @@ def run_experiment(cfg: RunConfig, run_dir: Path | None = None, progress: Progre
         t0 = time.perf_counter()
         baseline = evaluate(exp)
         _append_jsonl(metrics_path, {"round": 0, "eval": baseline, "time": {"eval": time.perf_counter() - t0}})
-    for r in range(1, cfg.train.rounds + 1):
-        prog.on_round(r, cfg.train.rounds)
-        record = run_one_round(exp, r, prog)
-        exp.history.append(record)
-        _append_jsonl(metrics_path, record)
+    stopped: dict[str, Any] | None = None
+    try:
+        for r in range(1, cfg.train.rounds + 1):
+            prog.on_round(r, cfg.train.rounds)
+            try:
+                record = run_one_round(exp, r, prog)
+            except BudgetExceededError as err:
+                # Refused before any client trained or any noise was drawn: end the run here, keeping
+                # the model of the last committed round (already written).
+                stopped = {"round": r, "reason": "privacy budget", "level": err.level,
+                           "projected_epsilon": err.projected, "budget": err.budget, "message": str(err)}
+                prog.on_message(f"round {r} refused: {err}")
+                _append_jsonl(metrics_path, {"round": r, "stopped": stopped})
+                break
+            exp.history.append(record)
+            _append_jsonl(metrics_path, record)
+        if stopped is not None and exp.history and "eval" not in exp.history[-1]:
+            exp.history[-1]["eval"] = evaluate(exp)
+            _append_jsonl(metrics_path, {"round": exp.history[-1]["round"], "eval": exp.history[-1]["eval"],
+                                         "note": "final evaluation after the budget stop"})
+    finally:
+        if exp.privacy is not None:
+            exp.privacy.close()
     summary = summarize(exp, baseline, part_info, time.perf_counter() - t_start)
+    summary["stopped"] = stopped
+    if exp.privacy is not None:
+        from securefed.privacy.report import write_privacy_report
+
+        last = next((h["privacy"] for h in reversed(exp.history) if "privacy" in h), None)
+        summary["privacy"] = {"spent": last, "resolved": dict(exp.privacy.session.resolved),
+                              "report": "privacy-report.md"}
+        write_privacy_report(d)
     (d / "summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
     from securefed.report import write_report
 

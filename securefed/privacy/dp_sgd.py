@@ -271,6 +271,7 @@ def train_dp_sgd(
     mode: Mode = "hooks",
     method: str | None = None,
     max_physical_batch: int | None = None,
+    before_step: Callable[[int], None] | None = None,
 ) -> DPSGDResult:
     """Run ``steps`` DP-SGD steps on ``model``'s trainable tensors over one client's ``examples``.
 
@@ -289,6 +290,8 @@ def train_dp_sgd(
         method: the PEFT registry name, checked against the refusal list.
         max_physical_batch: split larger Poisson batches into chunks of this size
             (gradient accumulation; the guarantee is unchanged).
+        before_step: called with the step index before each step (e.g. to set a
+            learning-rate schedule; post-processing, so the guarantee is unchanged).
 
     Returns:
         the steps run and the parameters, whose :attr:`DPSGDResult.event` goes to the ledger.
@@ -314,7 +317,9 @@ def train_dp_sgd(
         model, optimizer, mode=mode, clip=clip, noise_multiplier=noise_multiplier,
         expected_batch_size=expected_batch_size, noise=noise,
     ) as (module, opt):
-        for _ in range(steps):
+        for step in range(steps):
+            if before_step is not None:
+                before_step(step)
             picked = [examples[int(i)] for i in bernoulli(noise, len(examples), q).nonzero()[0]]
             sizes.append(len(picked))
             if not picked:
