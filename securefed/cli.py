@@ -1,6 +1,7 @@
 """The ``securefed`` command line.
 
-* ``securefed run [--config FILE] [--set key=value ...]``: run an experiment.
+* ``securefed run [--config FILE] [--set key=value ...]``: run an experiment;
+  ``securefed run --resume RUN_DIR`` continues one after its last finished round.
 * ``securefed assets [--prepare]``: list (and prepare) the embedded model and data.
 * ``securefed attack RUN_DIR --attack NAME``: run an attack on the server views a
   run recorded (``attack.record = true``).
@@ -16,7 +17,7 @@ from typing import Annotated
 
 import typer
 
-from securefed.errors import SecurefedError
+from securefed.errors import RunError, SecurefedError
 from securefed.protocols.errors import ProtocolError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Privacy-preserving federated fine-tuning of LMs.")
@@ -43,8 +44,10 @@ def run(
     overrides: Annotated[list[str] | None, typer.Option("--set", "-s", help="override, e.g. --set train.rounds=2")] = None,
     run_dir: Annotated[Path | None, typer.Option("--run-dir", help="output directory (default runs/<run.name>)")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")] = False,
+    resume: Annotated[Path | None, typer.Option("--resume", help="continue the run in this directory after its "
+                                                "last finished round (with its own config.toml)")] = None,
 ) -> None:
-    """Run a federated fine-tuning experiment and write runs/<name>/."""
+    """Run a federated fine-tuning experiment and write runs/<name>/ (or resume one)."""
     _quiet_libraries()
     from tqdm import tqdm
 
@@ -52,6 +55,12 @@ def run(
     from securefed.fl.runner import Progress, run_experiment
 
     try:
+        if resume is not None:
+            if config is not None or overrides or run_dir is not None:
+                raise RunError("--resume reads RUN_DIR/config.toml; drop --config, --set and --run-dir")
+            config, run_dir = resume / "config.toml", resume
+            if not config.exists():
+                raise RunError(f"{resume} holds no run to resume (no config.toml)")
         cfg = load_config(config, overrides or [])
     except SecurefedError as err:
         _fail(err)
@@ -81,7 +90,8 @@ def run(
             tqdm.write(s)
 
     try:
-        summary = run_experiment(cfg, run_dir, Progress(on_round, on_client, on_step, on_message))
+        summary = run_experiment(cfg, run_dir, Progress(on_round, on_client, on_step, on_message),
+                                 resume=resume is not None)
     except (SecurefedError, ProtocolError) as err:
         _fail(err)
     finally:

@@ -33,6 +33,7 @@ from securefed.assets.data import DatasetSplits, Example, fingerprint, load_data
 from securefed.assets.models import Task, load_model
 from securefed.config import RunConfig, to_dict, to_toml
 from securefed.errors import ConfigError, DataError, RunError
+from securefed.fl.checkpoint import read_checkpoint, resumable_history, write_checkpoint
 from securefed.fl.client import ClientUpdate, LocalTrainer
 from securefed.fl.partition import Partition, partition
 from securefed.fl.private import LoopPrivacy, spent_record
@@ -90,7 +91,8 @@ def prepare_run_dir(cfg: RunConfig, run_dir: Path | None) -> Path:
     return d
 
 
-def build_experiment(cfg: RunConfig, run_dir: Path, progress: Progress | None = None) -> Experiment:
+def build_experiment(cfg: RunConfig, run_dir: Path, progress: Progress | None = None, *,
+                     resume: bool = False) -> Experiment:
     prog = progress or Progress()
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
@@ -121,7 +123,7 @@ def build_experiment(cfg: RunConfig, run_dir: Path, progress: Progress | None = 
     privacy = None
     if cfg.dp.enabled:
         privacy = LoopPrivacy.open(cfg, run_dir, model=model, client_sizes=parts.sizes(),
-                                   train_fingerprint=fingerprint(train))
+                                   train_fingerprint=fingerprint(train), resume=resume)
     return Experiment(cfg, run_dir, model, task, data, train, eval_set, parts, trainer, aggregator,
                       make_server_optimizer(cfg.server), trainer.current_vector(), privacy)
 
@@ -275,13 +277,44 @@ def run_one_round(exp: Experiment, r: int, progress: Progress) -> dict[str, Any]
     return record
 
 
-def run_experiment(cfg: RunConfig, run_dir: Path | None = None, progress: Progress | None = None) -> dict[str, Any]:
-    """Run ``cfg``; write the outputs under ``run_dir``; return the summary."""
+def open_resumed_run(cfg: RunConfig, run_dir: Path) -> Path:
+    """Check that ``run_dir`` holds a run of exactly ``cfg`` (its own config.toml)."""
+    d = Path(run_dir)
+    saved = d / "config.toml"
+    if not saved.exists():
+        raise RunError(f"{d} holds no run to resume (no config.toml)")
+    if saved.read_text(encoding="utf-8") != to_toml(cfg):
+        raise RunError(f"the config differs from {saved}; a run resumes only with its own config "
+                       "(securefed run --resume RUN_DIR reads it from there)")
+    return d
+
+
+def run_experiment(cfg: RunConfig, run_dir: Path | None = None, progress: Progress | None = None, *,
+                   resume: bool = False) -> dict[str, Any]:
+    """Run ``cfg``; write the outputs under ``run_dir``; return the summary.
+
+    With ``resume=True``, continue the run in ``run_dir`` after its last
+    checkpointed round (:mod:`securefed.fl.checkpoint`); a DP run reopens its
+    privacy ledger, so spent budget carries over and an interrupted round stays charged.
+
+    Raises:
+        RunError: the run directory is not empty (new run) or not resumable.
+    """
     prog = progress or Progress()
     t_start = time.perf_counter()
-    d = prepare_run_dir(cfg, run_dir)
-    (d / "config.toml").write_text(to_toml(cfg), encoding="utf-8")
-    exp = build_experiment(cfg, d, prog)
+    if resume:
+        if run_dir is None:
+            raise RunError("resuming needs the run directory")
+        d = open_resumed_run(cfg, run_dir)
+    else:
+        d = prepare_run_dir(cfg, run_dir)
+        (d / "config.toml").write_text(to_toml(cfg), encoding="utf-8")
+    exp = build_experiment(cfg, d, prog, resume=resume)
+    spec_json = exp.trainer.spec.to_json()
+    ck = read_checkpoint(d, spec_json) if resume else None
+    if ck is not None:
+        exp.global_vector = ck.global_vector
+        exp.server_opt.load_state(ck.server_state)
     n_labels = len(exp.data.label_names)
     part_info = {
         "scheme": cfg.partition.scheme,
@@ -292,14 +325,19 @@ def run_experiment(cfg: RunConfig, run_dir: Path | None = None, progress: Progre
     (d / "partition.json").write_text(json.dumps(part_info, indent=1), encoding="utf-8")
     metrics_path = d / "metrics.jsonl"
     baseline: dict[str, float] | None = None
-    if cfg.eval.before:
+    first = 1
+    if resume:
+        first = (ck.round if ck is not None else 0) + 1
+        baseline, exp.history = resumable_history(metrics_path, first - 1)
+        prog.on_message(f"resuming after round {first - 1}")
+    if cfg.eval.before and first == 1 and baseline is None:
         prog.on_message("evaluating the initial model")
         t0 = time.perf_counter()
         baseline = evaluate(exp)
         _append_jsonl(metrics_path, {"round": 0, "eval": baseline, "time": {"eval": time.perf_counter() - t0}})
     stopped: dict[str, Any] | None = None
     try:
-        for r in range(1, cfg.train.rounds + 1):
+        for r in range(first, cfg.train.rounds + 1):
             prog.on_round(r, cfg.train.rounds)
             try:
                 record = run_one_round(exp, r, prog)
@@ -313,6 +351,7 @@ def run_experiment(cfg: RunConfig, run_dir: Path | None = None, progress: Progre
                 break
             exp.history.append(record)
             _append_jsonl(metrics_path, record)
+            write_checkpoint(d, r, exp.global_vector, exp.server_opt.state(), spec_json)
         if stopped is not None and exp.history and "eval" not in exp.history[-1]:
             exp.history[-1]["eval"] = evaluate(exp)
             _append_jsonl(metrics_path, {"round": exp.history[-1]["round"], "eval": exp.history[-1]["eval"],
@@ -322,6 +361,7 @@ def run_experiment(cfg: RunConfig, run_dir: Path | None = None, progress: Progre
             exp.privacy.close()
     summary = summarize(exp, baseline, part_info, time.perf_counter() - t_start)
     summary["stopped"] = stopped
+    summary["resumed_after_round"] = first - 1 if resume else None
     if exp.privacy is not None:
         from securefed.privacy.report import write_privacy_report
 

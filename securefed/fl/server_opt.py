@@ -28,6 +28,15 @@ class ServerOptimizer(ABC):
     def step(self, x: np.ndarray, avg_delta: np.ndarray) -> np.ndarray:
         """Return the new global vector (float32) from ``x`` and the average delta."""
 
+    def state(self) -> dict[str, np.ndarray]:
+        """Arrays to checkpoint so that a resumed run continues exactly (none for FedAvg)."""
+        return {}
+
+    def load_state(self, state: dict[str, np.ndarray]) -> None:
+        if state:
+            raise ConfigError(f"{type(self).__name__} keeps no state, but the checkpoint has {sorted(state)}",
+                              key="server.optimizer")
+
 
 class FedAvg(ServerOptimizer):
     def step(self, x: np.ndarray, avg_delta: np.ndarray) -> np.ndarray:
@@ -42,6 +51,15 @@ class FedAdaptive(ServerOptimizer):
         self.yogi = yogi
         self.m: np.ndarray | None = None
         self.v: np.ndarray | None = None
+
+    def state(self) -> dict[str, np.ndarray]:
+        return {} if self.m is None or self.v is None else {"m": self.m, "v": self.v}
+
+    def load_state(self, state: dict[str, np.ndarray]) -> None:
+        if set(state) not in (set(), {"m", "v"}):
+            raise ConfigError(f"checkpoint has server state {sorted(state)}, expected m and v", key="server.optimizer")
+        self.m = state["m"].astype(np.float64) if state else None
+        self.v = state["v"].astype(np.float64) if state else None
 
     def step(self, x: np.ndarray, avg_delta: np.ndarray) -> np.ndarray:
         c = self.cfg
