@@ -17,15 +17,16 @@ Usage: ``python benchmarks/dp.py [--quick] [--json PATH] [--part overhead|utilit
     memory <= 1.3. ``secure_noise``: the time to draw one step's noise from
     the CSPRNG vs torch's generator for this adapter, and a hooks step with each.
 
-(b) Utility: federated DP-LoRA, 4 clients, FedAvg (unweighted mean of client
-    deltas) over :func:`train_dp_sgd` (our own small loop: the loop's runner
-    has no DP wiring yet), Rotten Tomatoes sentiment, at sample-level epsilon
-    in {1, 3, 8, inf} with delta = 1e-5. The noise is calibrated (PLD) so that
-    the worst client reaches the target over the run; the reported epsilon is
-    what the privacy ledger says was spent. Default model ``minilm-l6``
-    (LoRA + classification head), because ``smollm2-135m`` (verbalizer) is
-    ~10x slower per step on 2 CPU cores; ``--utility-model smollm2-135m``
-    runs the latter. JSON: ``utility``.
+(b) Utility: federated DP-LoRA through the real loop (``run_experiment``):
+    4 iid clients, all in every round, unweighted FedAvg, DP-SGD in every
+    client, Rotten Tomatoes sentiment, at sample-level epsilon in {1, 3, 8,
+    inf} with delta = 1e-5, identical hyperparameters across epsilons. The
+    noise is calibrated (PLD) so that the worst client reaches the target over
+    the run; the reported epsilon is what each run's privacy ledger says was
+    spent (the runs, with their ledgers and privacy reports, stay under
+    ``--runs-dir``). Default model ``smollm2-135m`` (the default experiment's
+    verbalized task); ``--utility-model minilm-l6`` (LoRA + classification
+    head) is ~10x faster per step. JSON: ``utility``.
 """
 
 from __future__ import annotations
@@ -38,7 +39,6 @@ import resource
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, cast
@@ -244,108 +244,62 @@ def overhead(quick: bool) -> dict[str, Any]:
 
 
 def _utility_worker(spec: dict[str, Any]) -> dict[str, Any]:
-    import numpy as np
-    import torch
-
-    from securefed.assets.data import load_dataset
-    from securefed.privacy.config import DPConfig, SampleDPConfig
-    from securefed.privacy.dp_sgd import train_dp_sgd
-    from securefed.privacy.secure_noise import SecureNoise
-    from securefed.privacy.session import PrivacySession, RunShape
-    from securefed.tasks import make_task
+    """Each epsilon is one real federated run (``securefed.fl.runner.run_experiment``)."""
+    from securefed.config import load_config
+    from securefed.fl.runner import run_experiment
 
     _quiet()
-    torch.manual_seed(0)
-    n_clients, per_client, rounds, steps = spec["clients"], spec["per_client"], spec["rounds"], spec["local_steps"]
-    batch, lr, clip, mode = spec["batch"], spec["lr"], spec["clip"], spec["mode"]
-    data = load_dataset("rotten-tomatoes")
-    train = [e for e in data.train if e.label is not None][: n_clients * per_client]
-    test = [e for e in data.test if e.label is not None][: spec["test"]]
-    shards = [train[c::n_clients] for c in range(n_clients)]
-    model, tok, method, adapter = _lora_model(spec["model"])
-    kind = "seq-cls" if spec["model"] == "minilm-l6" else "verbalized"
-    task = make_task(kind, tok, dataset="rotten-tomatoes", max_length=64)
-    init = adapter.flatten(method.trainable_state(model))
-
-    def evaluate(vec: np.ndarray) -> float:
-        method.load_state(model, adapter.unflatten(vec))
-        model.eval()
-        with torch.no_grad():
-            return float(task.evaluate(model, test, batch_size=32)["accuracy"])
-
-    t0 = time.perf_counter()
-    zero_shot = evaluate(init)
-    t_eval = time.perf_counter() - t0
-    rows = []
-    for eps in spec["epsilons"]:
-        t_start = time.perf_counter()
-        vec = init.copy()
-        spent = None
-        sigma = None
-        session = None
-        run_dir = Path(tempfile.mkdtemp(prefix="dp-bench-"))
+    n, per_client, rounds = spec["clients"], spec["per_client"], spec["rounds"]
+    task = "seq-cls" if spec["model"] == "minilm-l6" else "verbalized"
+    base = [
+        f'model.name="{spec["model"]}"', f'data.task="{task}"', "data.max_length=64",
+        f"data.train_examples={n * per_client}", 'partition.scheme="iid"', f"partition.clients={n}",
+        'sampling.mode="fixed"', "sampling.clients_per_round=0", f"train.rounds={rounds}",
+        f"train.local_steps={spec['local_steps']}", f"train.batch_size={spec['batch']}", f"train.lr={spec['lr']}",
+        'train.optimizer="adamw"', "server.weighted=false", f"eval.max_examples={spec['test']}",
+        f"eval.every={rounds}", 'dp.accountant="pld"', "dp.delta=1e-5", "run.overwrite=true",
+        f"run.threads={spec['threads']}",
+    ]
+    rows: list[dict[str, Any]] = []
+    zero_shot: float | None = None
+    for i, eps in enumerate(spec["epsilons"]):
+        label = "inf" if eps is None else f"{eps:g}"
+        ov = [*base, f'run.name="eps-{label}"', f"eval.before={'true' if i == 0 else 'false'}"]
         if eps is not None:
-            cfg = DPConfig(sample=SampleDPConfig(enabled=True, target_epsilon=eps, clip=clip, mode=mode),
-                           delta=1e-5, accountant="pld")
-            shape = RunShape(client_sizes=tuple(len(s) for s in shards), rounds=rounds, expected_clients=n_clients,
-                             local_steps=steps, expected_batch_size=batch)
-            session = PrivacySession.open(run_dir, cfg, shape=shape, run_id=f"bench-eps{eps}")
-            sigma = session.sample_noise_multiplier
-        noise = SecureNoise()
-        g = np.random.default_rng(0)  # non-private baseline's batch order only (not a privacy mechanism)
-        for r in range(rounds):
-            ticket = None
-            if session is not None:
-                ticket = session.plan_round(r, sample={c: session.planned_sample_event(c) for c in range(n_clients)})
-            deltas, events = [], {}
-            for c, shard in enumerate(shards):
-                method.load_state(model, adapter.unflatten(vec))
-                model.train()
-                params = [p for p in model.parameters() if p.requires_grad]
-                opt = torch.optim.Adam(params, lr=lr)
-                if session is not None:
-                    res = train_dp_sgd(model, shard, make_batch=task.batch, per_example_loss=task.per_example_loss,
-                                       optimizer=opt, steps=steps, expected_batch_size=batch,
-                                       noise_multiplier=float(sigma or 0.0), clip=clip, noise=noise, mode=mode,
-                                       method="lora")
-                    events[c] = res.event
-                else:
-                    for _ in range(steps):
-                        idx = g.choice(len(shard), size=batch, replace=False)
-                        task.per_example_loss(model, task.batch([shard[i] for i in idx])).mean().backward()
-                        opt.step()
-                        opt.zero_grad(set_to_none=True)
-                deltas.append(adapter.flatten(method.trainable_state(model)) - vec)
-            if session is not None and ticket is not None:
-                spent = session.commit_round(ticket, sample=events)
-            vec = (vec + np.mean(deltas, axis=0)).astype(np.float32)
-        acc = evaluate(vec)
-        row: dict[str, Any] = {
-            "target_epsilon": eps if eps is not None else "inf",
-            "epsilon_spent_max_client": spent.sample.epsilon if spent and spent.sample else (None if eps else "inf"),
+            ov += ["dp.sample.enabled=true", f"dp.sample.target_epsilon={eps}", f"dp.sample.clip={spec['clip']}",
+                   f'dp.sample.mode="{spec["mode"]}"']
+        summary = run_experiment(load_config(overrides=ov), Path(spec["runs_dir"]) / f"eps-{label}")
+        if i == 0 and summary["baseline_eval"]:
+            zero_shot = summary["baseline_eval"]["accuracy"]
+        priv = summary.get("privacy") or {}
+        spent = (priv.get("spent") or {}).get("sample_epsilon")
+        rows.append({
+            "target_epsilon": label,
+            "epsilon_spent_max_client": spent if eps is not None else "inf",
             "delta": 1e-5,
-            "noise_multiplier": sigma,
-            "accuracy": acc,
-            "seconds": time.perf_counter() - t_start,
-        }
-        if session is not None:
-            session.close()
-        rows.append(row)
-    return {"zero_shot_accuracy": zero_shot, "eval_seconds": t_eval, "rows": rows}
+            "noise_multiplier": (priv.get("resolved") or {}).get("noise_sample"),
+            "accuracy": summary["final_eval"]["accuracy"],
+            "train_seconds": summary["time_seconds"]["train"],
+            "seconds": summary["time_seconds"]["total"],
+            "run_dir": str(Path(spec["runs_dir"]) / f"eps-{label}"),
+        })
+        print(f"    eps {label}: accuracy {rows[-1]['accuracy']:.3f}, spent {spent}, "
+              f"{rows[-1]['seconds']:.0f} s", file=sys.stderr, flush=True)
+    return {"zero_shot_accuracy": zero_shot, "rows": rows}
 
 
 UTILITY_SETUPS: dict[str, dict[str, Any]] = {
-    # Encoder with a new classification head (trained with the adapter): fast enough for a
-    # few hundred DP steps per setting on 2 CPU cores.
+    # The causal LM with a verbalizer (the default experiment's task; zero-shot is already above chance).
+    "smollm2-135m": {"per_client": 250, "rounds": 3, "local_steps": 5, "batch": 8, "lr": 1e-3, "test": 200},
+    # Encoder with a new classification head (trained with the adapter): ~10x faster per step.
     "minilm-l6": {"per_client": 1000, "rounds": 3, "local_steps": 8, "batch": 32, "lr": 5e-3, "test": 500},
-    # The causal LM with a verbalizer (zero-shot is already above chance); ~10x slower per step.
-    "smollm2-135m": {"per_client": 250, "rounds": 2, "local_steps": 8, "batch": 8, "lr": 1e-3, "test": 400},
 }
-QUICK = {"per_client": 200, "rounds": 1, "local_steps": 4, "test": 200}
+QUICK = {"per_client": 100, "rounds": 1, "local_steps": 2, "batch": 8, "test": 48}
 
 
-def utility(quick: bool, mode: str, model: str) -> dict[str, Any]:
-    spec: dict[str, Any] = {"model": model, "clients": 4, "clip": 1.0, "mode": mode, **UTILITY_SETUPS[model]}
+def utility(quick: bool, mode: str, model: str, runs_dir: Path, threads: int) -> dict[str, Any]:
+    spec: dict[str, Any] = {"model": model, "clients": 4, "clip": 1.0, "mode": mode, **UTILITY_SETUPS[model],
+                            "runs_dir": str(runs_dir), "threads": threads}
     if quick:
         spec.update(QUICK)
     spec["epsilons"] = [1.0, 3.0, 8.0, None]
@@ -357,8 +311,8 @@ def utility(quick: bool, mode: str, model: str) -> dict[str, Any]:
         "model": model,
         "task": f"Rotten Tomatoes fresh/rotten sentiment ({task}), accuracy on held-out test examples",
         "setup": {k: v for k, v in spec.items() if k != "epsilons"},
-        "loop": "own FedAvg (unweighted mean of 4 client deltas) over securefed.privacy.dp_sgd.train_dp_sgd; "
-                "the loop's runner has no DP wiring yet",
+        "loop": "securefed's federated loop (run_experiment): 4 iid clients, all in every round, unweighted FedAvg; "
+                "DP-SGD in every client; every epsilon read from the run's privacy ledger",
         "accountant": "pld, delta 1e-5, noise calibrated for the worst client joining every round",
         "zero_shot_accuracy": out["zero_shot_accuracy"],
         "table": out["rows"],
@@ -371,8 +325,12 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="fewer warm-up steps and a much smaller utility run")
     ap.add_argument("--json", type=Path, help="write the results here")
     ap.add_argument("--part", choices=("overhead", "utility", "all"), default="all")
-    ap.add_argument("--utility-model", choices=sorted(UTILITY_SETUPS), default="minilm-l6",
-                    help="model of the utility run (default minilm-l6; smollm2-135m is ~10x slower per step)")
+    ap.add_argument("--utility-model", choices=sorted(UTILITY_SETUPS), default="smollm2-135m",
+                    help="model of the utility runs (default smollm2-135m; minilm-l6 is ~10x faster per step)")
+    ap.add_argument("--runs-dir", type=Path, default=Path("bench-results/dp-utility-runs"),
+                    help="where the utility runs (with their ledgers and privacy reports) are written")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads of the utility runs (1: on a shared 2-core machine, 2 threads under load ran 8x slower)")
     ap.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -401,12 +359,12 @@ def main() -> None:
         print(f"    noise for {sn['adapter_dim']} values: CSPRNG {sn['noise_secure_s'] * 1e3:.1f} ms, "
               f"torch {sn['noise_torch_s'] * 1e3:.1f} ms")
     if args.part in ("utility", "all"):
-        ut = utility(args.quick, best, args.utility_model)
+        ut = utility(args.quick, best, args.utility_model, args.runs_dir, args.threads)
         result["utility"] = ut
         if "error" in ut:
             print("(b) utility FAILED:", ut["error"][-500:])
         else:
-            print(f"(b) {ut['model']}: accuracy before training {ut['zero_shot_accuracy']:.3f}")
+            print(f"(b) {ut['model']}: accuracy before training {ut['zero_shot_accuracy']}")
             for row in ut["table"]:
                 e = row["epsilon_spent_max_client"]
                 print(f"    target eps {row['target_epsilon']!s:>4}: spent {e if isinstance(e, str) else (f'{e:.3f}' if e is not None else '-')}, "
