@@ -20,6 +20,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
+from test_loop import (
+    TINY as LOOP_TINY,  # the tests directory is on sys.path (pytest's prepend import mode)
+)
 
 from securefed.config import load_config
 from securefed.errors import RunError
@@ -30,18 +33,7 @@ from securefed.fl.runner import run_experiment
 from securefed.privacy.errors import LedgerError
 from securefed.privacy.report import privacy_summary
 
-TINY = [
-    "model.name=tiny-llama",
-    "partition.clients=3",
-    "partition.min_size=2",
-    "train.local_steps=2",
-    "train.batch_size=4",
-    "data.train_examples=120",
-    "eval.max_examples=8",
-    "data.max_length=32",
-    "train.rounds=3",
-    "server.optimizer=fedadam",
-]
+TINY = [*LOOP_TINY, "eval.max_examples=8", "train.rounds=3", "server.optimizer=fedadam"]
 
 
 def _rounds(d: Path) -> list[int]:

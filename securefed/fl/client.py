@@ -106,6 +106,13 @@ class LocalTrainer:
     def load_global(self, vector: np.ndarray) -> None:
         self.method.load_state(self.model, self.spec.unflatten(vector))
 
+    def _start(self, client_id: int, global_vector: np.ndarray, examples: Sequence[Example]) -> list[torch.Tensor]:
+        """Load the global adapter for a client; return its trainable tensors."""
+        if not examples:
+            raise DataError(f"client {client_id} has no training examples")
+        self.load_global(global_vector)
+        return list(self.method.trainable_state(self.model).values())
+
     def current_vector(self) -> np.ndarray:
         return self.spec.flatten(self.method.trainable_state(self.model))
 
@@ -117,12 +124,9 @@ class LocalTrainer:
             DataError: the client has no examples.
             UpdateError: training produced NaN/Inf (e.g. a too-high learning rate).
         """
-        if not examples:
-            raise DataError(f"client {client_id} has no training examples")
         t0 = time.perf_counter()
         cfg = self.cfg
-        self.load_global(global_vector)
-        params = list(self.method.trainable_state(self.model).values())
+        params = self._start(client_id, global_vector, examples)
         anchor = [p.detach().clone() for p in params] if cfg.fedprox_mu > 0 else []
         opt = make_optimizer(params, cfg)
         steps = local_steps(len(examples), cfg)
@@ -181,12 +185,9 @@ class LocalTrainer:
         """
         from securefed.privacy.dp_sgd import train_dp_sgd
 
-        if not examples:
-            raise DataError(f"client {client_id} has no training examples")
         t0 = time.perf_counter()
         cfg = self.cfg
-        self.load_global(global_vector)
-        params = list(self.method.trainable_state(self.model).values())
+        params = self._start(client_id, global_vector, examples)
         opt = make_optimizer(params, cfg)
         steps = cfg.local_steps
 
