@@ -218,3 +218,13 @@ def test_cli_run_states_the_guarantee(tmp_path: Path) -> None:
     assert "sample-level DP: epsilon" in out.output and "delta 1.0e-05" in out.output
     report = CliRunner().invoke(app, ["privacy-report", str(tmp_path)])
     assert report.exit_code == 0 and "privacy-report.md" in report.output
+
+
+def test_recorded_views_announce_the_dp_recipe(tmp_path: Path) -> None:
+    from securefed.attacks import load_views
+
+    cfg = load_config(overrides=[*TINY, *SAMPLE, "train.rounds=1", "dp.sample.noise_multiplier=1.7",
+                                 "attack.record=true", "eval.max_examples=4"])
+    run_experiment(cfg, tmp_path)
+    (view,) = load_views(tmp_path / "views")
+    assert view.public.dp_level == "sample" and view.public.dp_noise_multiplier == 1.7 and view.public.dp_clip == 1.0

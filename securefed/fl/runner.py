@@ -152,6 +152,15 @@ def evaluate(exp: Experiment) -> dict[str, float]:
     return exp.task.evaluate(exp.model, exp.eval_set, exp.cfg.eval.batch_size)
 
 
+def _announced_dp(exp: Experiment) -> dict[str, Any]:
+    """The DP recipe is public (the server runs the accounting): the view says which noise the updates carry."""
+    if exp.privacy is None or not exp.cfg.dp.sample.enabled:
+        return {}
+    # Client updates carry DP-SGD noise; user-level noise is added by the server after it saw the sum.
+    return {"dp_noise_multiplier": exp.privacy.session.sample_noise_multiplier,
+            "dp_clip": exp.cfg.dp.sample.clip, "dp_level": "sample"}
+
+
 def record_view(exp: Experiment, r: int, g0: np.ndarray, outcome: RoundOutcome,
                 updates: dict[int, ClientUpdate]) -> None:
     """Write what the server held this round (plus the experimenter's truth) under ``views/``.
@@ -178,6 +187,7 @@ def record_view(exp: Experiment, r: int, g0: np.ndarray, outcome: RoundOutcome,
         task="seq-cls" if cfg.data.task == "seq-cls" else "causal-lm",
         num_labels=max(2, len(exp.data.label_names)), model_seed=cfg.run.seed,
         max_length=cfg.data.max_length, text_template=getattr(exp.task, "template", None),
+        **_announced_dp(exp),
     )
     save_views(exp.run_dir / "views", [ServerView.from_observation(outcome.observation, public)],
                [EvaluationTruth(r, used)])
