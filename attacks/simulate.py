@@ -15,6 +15,10 @@ hold:
   ``clip`` (L2 over every trainable tensor), summed, Gaussian noise
   ``N(0, (σ·clip)²)`` from a :class:`~securefed.protocols.csprng.KeyStream`
   (a CSPRNG, never NumPy), averaged (Abadi et al. 2016);
+  :func:`clipped_gradient_sum` is the plain per-example loop (the reference),
+  :func:`fast_clipped_gradient_sum` the same sum from one batched
+  forward/backward per chunk of examples (per-example norms from hooks and
+  Gram matrices, :mod:`securefed.attacks.per_example`);
 * :func:`observe`: run the aggregator; returns the server's observation.
 """
 
@@ -31,6 +35,7 @@ from securefed.peft.spec import AdapterSpec
 from securefed.protocols.base import AGGREGATORS, ClientInput, ServerObservation
 from securefed.protocols.csprng import KeyStream
 
+from .per_example import BatchLossFn, PerExampleGradients
 from .target import decoder_layers
 
 LossFn = Callable[[nn.Module], torch.Tensor]
@@ -118,10 +123,25 @@ def sgd_update(model: nn.Module, spec: AdapterSpec, params: Mapping[str, nn.Para
     return (after - before).astype(np.float32)
 
 
+def _flatten64(spec: AdapterSpec, tensors: Mapping[str, torch.Tensor]) -> np.ndarray:
+    """``spec.flatten`` in float64 (``flatten`` stores float32)."""
+    parts = []
+    for t in spec.tensors:
+        v = tensors[t.name]
+        if tuple(v.shape) != t.shape:
+            raise ValueError(f"tensor {t.name} has shape {tuple(v.shape)}, spec says {t.shape}")
+        parts.append(v.detach().to(torch.float64).reshape(-1).cpu())
+    return torch.cat(parts).numpy() if parts else np.zeros(0, dtype=np.float64)
+
+
 def clipped_gradient_sum(model: nn.Module, spec: AdapterSpec, params: Mapping[str, nn.Parameter],
                          per_example: Sequence[LossFn], *, clip: float) -> tuple[np.ndarray, dict[str, float]]:
     """Sum over examples of each gradient clipped to L2 norm ``clip`` (the norm over *every*
-    trainable tensor, as Opacus' flat clipping); only the spec's coordinates are returned."""
+    trainable tensor, as Opacus' flat clipping); only the spec's coordinates are returned.
+
+    The straightforward loop, one backward per example: the reference that
+    :func:`fast_clipped_gradient_sum` is tested against.
+    """
     if clip <= 0:
         raise ValueError("clip must be > 0")
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -135,9 +155,44 @@ def clipped_gradient_sum(model: nn.Module, spec: AdapterSpec, params: Mapping[st
         factor = min(1.0, clip / norm) if norm > 0 else 1.0
         clipped += int(factor < 1.0)
         grads = {n: _grad(params[n]) for n in spec.names}
-        total += factor * spec.flatten(grads).astype(np.float64)
+        total += factor * _flatten64(spec, grads)
     model.zero_grad(set_to_none=True)
     return total, {"clipped_fraction": clipped / max(1, len(per_example))}
+
+
+def fast_clipped_gradient_sum(model: nn.Module, spec: AdapterSpec, params: Mapping[str, nn.Parameter],
+                              batches: Sequence[BatchLossFn], *, clip: float) -> tuple[np.ndarray, dict[str, float]]:
+    """:func:`clipped_gradient_sum` from one batched forward/backward per chunk.
+
+    Each of ``batches`` returns the per-example losses of a chunk of examples
+    (a 1-D tensor; the examples must not interact, as with padded causal-LM
+    batches). Every trainable tensor's per-example gradient enters the norm
+    (exactly as in the loop: the norm is over *every* trainable tensor), but
+    only the spec's tensors are formed per example and summed, so the cost of
+    a full-model clip is one batched pass plus T x T Gram matrices, not one
+    backward per example. Supports linear, embedding (tied or not) and
+    elementwise-scale (RMSNorm/LayerNorm) modules; raises
+    ``NotImplementedError`` for any other module that owns a trainable tensor.
+    """
+    if clip <= 0:
+        raise ValueError("clip must be > 0")
+    keep = {n: params[n] for n in spec.names}
+    sampler = PerExampleGradients(model, keep)
+    totals = {n: torch.zeros(tuple(p.shape), dtype=torch.float64) for n, p in keep.items()}
+    clipped = 0
+    count = 0
+    for loss_fn in batches:
+        sq, kept = sampler.run(loss_fn)
+        for i in range(sq.shape[0]):
+            norm = float(sq[i]) ** 0.5
+            factor = min(1.0, clip / norm) if norm > 0 else 1.0
+            clipped += int(factor < 1.0)
+            for n, p in keep.items():
+                if id(p) in kept:
+                    totals[n] += factor * kept[id(p)][i].double()
+        count += int(sq.shape[0])
+    model.zero_grad(set_to_none=True)
+    return _flatten64(spec, totals), {"clipped_fraction": clipped / max(1, count)}
 
 
 def dp_noised_update(clipped_sum: np.ndarray, n: int, *, lr: float, clip: float, noise_multiplier: float,

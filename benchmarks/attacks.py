@@ -18,9 +18,14 @@ information). LoRA: r and alpha = 2r on q_proj and v_proj, with B drawn
 N(0, 0.02^2) to stand for a global adapter after some rounds (at B = 0 the
 A-gradients vanish). DP: one DP-SGD step, per-example clipping (L2 over every
 trainable tensor) and Gaussian noise from a CSPRNG, sigma calibrated with RDP
-for the stated sampling rate and step count. Cells that would exceed the time
-budget, or whose batch is far beyond what the span tests can separate, are
-listed as skipped with the reason.
+for the stated sampling rate and step count. The per-example gradients come
+from one batched pass per chunk of 4 examples
+(attacks/simulate.py:fast_clipped_gradient_sum, tested against the
+per-example loop; ``--dp-loop`` uses the loop); each client's clipped sum is
+computed once and reused for both epsilon levels and every client count.
+Cells whose batch is far beyond what the span tests can separate (more than
+64 sentences in the sum), or that would exceed the time budget, are listed as
+skipped with the reason.
 
 A second table measures the same DAGER on *weight-delta* uploads
 (theta_after - theta_before in float32, as the federated loop sends), where
@@ -52,6 +57,7 @@ from securefed.attacks import ATTACKS, PublicKnowledge, ServerView, score_texts
 from securefed.attacks.simulate import (
     clipped_gradient_sum,
     dp_noised_update,
+    fast_clipped_gradient_sum,
     fedsgd_update,
     full_spec,
     lora_model,
@@ -68,6 +74,7 @@ DELTA = 1e-5
 CLIENT_EXAMPLES = 500  # examples per client: DP sampling rate q = B / 500
 DP_STEPS = 100  # local DP-SGD steps the budget is spread over
 CLIP = 1.0
+DP_CHUNK = 4  # examples per batched pass for the per-example gradients (fastest measured on 1 thread)
 TARGETS = {"rouge1_min": 0.99, "exact_min": 0.95, "seconds_max": 60.0}
 
 
@@ -100,6 +107,9 @@ class Bench:
         self.kinds: dict[str, Kind] = {}
         self.updates: dict[tuple[str, str, int, int], np.ndarray] = {}
         self.sums: dict[tuple[str, str, int, int], np.ndarray] = {}
+        self.sum_stats: dict[tuple[str, str, int, int], dict[str, float]] = {}
+        self.dp_seconds = 0.0  # time spent on per-example gradients
+        self.dp_examples = 0
         self.aggregator = "secagg" if "secagg" in AGGREGATORS.names() else "plaintext"
         # A fixed-point grid fine enough for FedSGD updates (entries ~1e-7..1e-2): per-entry clip
         # 0.05, 40 fractional bits in Z_{2^64}. The protocol's default 16 bits would round most
@@ -166,20 +176,54 @@ class Bench:
         if sigma is None:
             vec = fedsgd_update(kind.spec, kind.params, kind.model, self.loss(ex), lr=LR)
         else:
-            skey = (kind_name, "clipped-sum", b, client)
+            # One clipped sum per (kind, B, client): the client's batch is the same at every
+            # epsilon and in every sum it joins (clients 0..N-1), so only the noise is redrawn.
+            skey = self.sum_key(kind_name, b, client)
             if skey not in self.sums:
-                saved = {n: p.requires_grad for n, p in kind.model.named_parameters()}
-                if kind_name == "full":  # full fine-tuning clips the norm over every weight
-                    for p in kind.model.parameters():
-                        p.requires_grad_(True)
-                self.sums[skey], _ = clipped_gradient_sum(
-                    kind.model, kind.spec, kind.params, [self.loss([e]) for e in ex], clip=CLIP
-                )
-                for n, p in kind.model.named_parameters():
-                    p.requires_grad_(saved[n])
+                self.sums[skey], self.sum_stats[skey] = self.clipped_sum(kind, ex)
             vec = dp_noised_update(self.sums[skey], len(ex), lr=LR, clip=CLIP, noise_multiplier=sigma)
         self.updates[key] = vec
         return vec
+
+    @staticmethod
+    def sum_key(kind_name: str, b: int, client: int) -> tuple[str, str, int, int]:
+        return (kind_name, "clipped-sum", b, client)
+
+    def clipped_sum(self, kind: Kind, ex: Sequence[Example]) -> tuple[np.ndarray, dict[str, float]]:
+        """Sum of the per-example gradients clipped to CLIP (L2 over every trainable tensor).
+
+        Full fine-tuning trains, and so clips over, every weight of the model: all of them
+        require grad here, although the view keeps only the first two layers' tensors of
+        the clipped sum (exact: each example's factor min(1, C/||g||) uses the whole norm).
+        """
+        t = time.perf_counter()
+        saved = {n: p.requires_grad for n, p in kind.model.named_parameters()}
+        if kind.name == "full":
+            for p in kind.model.parameters():
+                p.requires_grad_(True)
+        try:
+            if self.args.dp_loop:
+                out = clipped_gradient_sum(kind.model, kind.spec, kind.params, [self.loss([e]) for e in ex], clip=CLIP)
+            else:
+                # Chunks of similar length pad little; the sum does not depend on the order.
+                by_len = sorted(ex, key=lambda e: int(self.task.batch([e]).input_ids.shape[1]))
+                chunks = [self.task.batch(by_len[i : i + DP_CHUNK]) for i in range(0, len(by_len), DP_CHUNK)]
+                out = fast_clipped_gradient_sum(
+                    kind.model, kind.spec, kind.params,
+                    [lambda model, bt=bt: self.task.per_example_loss(model, bt) for bt in chunks], clip=CLIP,
+                )
+        finally:
+            for n, p in kind.model.named_parameters():
+                p.requires_grad_(saved[n])
+        self.dp_seconds += time.perf_counter() - t
+        self.dp_examples += len(ex)
+        return out
+
+    def forget(self, kind_name: str, b: int) -> None:
+        """Drop the cached updates and clipped sums of one (kind, B) once its cells are done."""
+        for cache in (self.updates, self.sums):
+            for key in [k for k in cache if k[0] == kind_name and k[2] == b]:
+                del cache[key]
 
     # -- attack ------------------------------------------------------------------------------------
     def attack(self, view: ServerView, refs: list[str], targets: str) -> dict[str, Any]:
@@ -250,14 +294,25 @@ def weight_delta_rows(bench: Bench, batch_sizes: Sequence[int], lrs: Sequence[fl
 def matrix(bench: Bench, cfg: dict[str, Any]) -> list[dict[str, Any]]:
     cells = []
     sig = sigmas(cfg["batches"], [e for e in cfg["noise"] if e is not None])
-    # Single-client cells first (the undefended baseline and DP), then the sums.
-    order = sorted(((n, e) for n in cfg["clients"] for e in cfg["noise"]), key=lambda t: (t[0] > 1, t[0] > 1 and t[1] is not None, t[0]))
-    for n_clients, noise in order:
-        for kind_name in cfg["kinds"]:
-            for b in cfg["batches"]:
+    # Grouped by (update kind, B): a group's cells share its clients' batches, updates and
+    # clipped sums, which are dropped when the group is done (a full-model sum is 56 MB per
+    # client). Within a group: one client, then the sums; no noise, then DP.
+    order = sorted(((n, e) for n in cfg["clients"] for e in cfg["noise"]), key=lambda t: (t[0], t[1] is not None))
+    for kind_name in cfg["kinds"]:
+        for b in cfg["batches"]:
+            for n_clients, noise in order:
                 cells.append((noise, n_clients, kind_name, b))
+    # Which reviews each (B, client) holds must not depend on the order the cells run in:
+    # hand them out first, in a fixed order (clients 0 for every B, then 1..3, then 4..15).
+    for n_clients in sorted(cfg["clients"]):
+        for b in cfg["batches"]:
+            if b * n_clients <= cfg["max_sentences"]:
+                for c in range(n_clients):
+                    bench.batch("matrix", b, c)
     results = []
-    for noise, n_clients, kind_name, b in cells:
+    for i_cell, (noise, n_clients, kind_name, b) in enumerate(cells):
+        if i_cell > 0 and cells[i_cell - 1][2:] != (kind_name, b):
+            bench.forget(*cells[i_cell - 1][2:])
         label = "none" if noise is None else f"eps{noise:g}"
         cell: dict[str, Any] = {"batch": b, "update": kind_name, "clients": n_clients, "noise": label}
         if noise is not None:
@@ -269,8 +324,8 @@ def matrix(bench: Bench, cfg: dict[str, Any]) -> list[dict[str, Any]]:
                                    "the 576-wide spans; measured cells with 32-64 sentences already recover nothing"})
             continue
         if noise is not None and (b > cfg["dp_max_batch"] or n_clients > cfg["dp_max_clients"]):
-            results.append(cell | {"skipped": "DP cell not run for time (per-example gradients of the 135M model); "
-                                   "see the measured single-client DP cells"})
+            results.append(cell | {"skipped": f"DP cells limited to B <= {cfg['dp_max_batch']} and at most "
+                                   f"{cfg['dp_max_clients']} clients by this configuration"})
             continue
         if bench.elapsed() > cfg["budget"]:
             results.append(cell | {"skipped": f"time budget of {cfg['budget']:.0f} s reached"})
@@ -287,6 +342,9 @@ def matrix(bench: Bench, cfg: dict[str, Any]) -> list[dict[str, Any]]:
         view = ServerView.from_observation(observe(updates, aggregator=agg, options=opts), public)
         r = bench.attack(view, refs, "clients" if n_clients == 1 else "aggregate")
         cell |= {"aggregator": agg} | r
+        if noise is not None:
+            stats = [bench.sum_stats[bench.sum_key(kind_name, b, c)] for c in range(n_clients)]
+            cell["clipped_fraction"] = statistics.mean(st["clipped_fraction"] for st in stats)
         results.append(cell)
         print(f"  {label:5s} N={n_clients:2d} {kind_name:6s} B={b:2d}: ROUGE-1 {r['rouge1']:.3f} exact {r['exact_match']:.3f} "
               f"{r['seconds']:.1f} s [{r['status']}]  (t={bench.elapsed():.0f} s)", flush=True)
@@ -349,6 +407,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--budget", type=float, default=None, help="seconds after which matrix cells are skipped")
+    ap.add_argument("--dp-loop", action="store_true",
+                    help="per-example gradients by the plain loop (one backward each) instead of batched hooks")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (default 1: on a shared 2-core machine OpenMP contention made 2 threads 4x slower)")
     args = ap.parse_args(argv)
@@ -356,13 +416,13 @@ def main(argv: list[str] | None = None) -> int:
     cfg: dict[str, Any]
     if args.quick:
         cfg = {"headline": [1, 4], "n_batches": 1, "batches": [1, 2], "kinds": ["full", "lora-r8"], "clients": [1, 4],
-               "noise": [None, 8.0], "max_sentences": 64, "dp_max_batch": 2, "dp_max_clients": 1,
+               "noise": [None, 8.0], "max_sentences": 64, "dp_max_batch": 2, "dp_max_clients": 4,
                "delta_lrs": [1e-2], "delta_batches": [1], "budget": args.budget or 900.0}
     else:
         cfg = {"headline": [1, 2, 4, 8, 16], "n_batches": 3, "batches": [1, 2, 4, 8, 16, 32],
                "kinds": ["full", "lora-r8", "lora-r64"], "clients": [1, 4, 16], "noise": [None, 8.0, 1.0],
-               "max_sentences": 64, "dp_max_batch": 4, "dp_max_clients": 1,
-               "delta_lrs": [1e-1, 1e-2], "delta_batches": [1, 4, 16], "budget": args.budget or 1500.0}
+               "max_sentences": 64, "dp_max_batch": 32, "dp_max_clients": 16,
+               "delta_lrs": [1e-1, 1e-2], "delta_batches": [1, 4, 16], "budget": args.budget or 5400.0}
     bench = Bench(args)
     print(f"DAGER headline: full FedSGD gradient, {args.model}, rotten-tomatoes (verbalized), lr {LR}", flush=True)
     out: dict[str, Any] = {"targets": TARGETS}
@@ -378,7 +438,11 @@ def main(argv: list[str] | None = None) -> int:
         "aggregator_note": "sums of several clients run through this registered aggregator; the attack reads only the sum",
         "headline_batches": cfg["headline"], "matrix_batches": cfg["batches"], "kinds": cfg["kinds"],
         "clients": cfg["clients"], "dp": {"delta": DELTA, "clip": CLIP, "client_examples": CLIENT_EXAMPLES,
-                                           "steps": DP_STEPS, "accountant": "rdp"},
+                                           "steps": DP_STEPS, "accountant": "rdp",
+                                           "max_batch": cfg["dp_max_batch"], "max_clients": cfg["dp_max_clients"],
+                                           "per_example": "loop" if args.dp_loop else f"batched hooks, chunks of {DP_CHUNK}",
+                                           "per_example_seconds": bench.dp_seconds, "per_example_count": bench.dp_examples},
+        "max_sentences": cfg["max_sentences"], "budget_seconds": cfg["budget"],
         "full_view": "first two decoder layers of the full-model gradient",
         "lora": "r, alpha=2r, q_proj+v_proj, B ~ N(0, 0.02^2)", "quick": args.quick, "seed": args.seed,
         "torch_threads": torch.get_num_threads(), "wall_seconds": bench.elapsed(),
