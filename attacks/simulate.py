@@ -123,17 +123,6 @@ def sgd_update(model: nn.Module, spec: AdapterSpec, params: Mapping[str, nn.Para
     return (after - before).astype(np.float32)
 
 
-def _flatten64(spec: AdapterSpec, tensors: Mapping[str, torch.Tensor]) -> np.ndarray:
-    """``spec.flatten`` in float64 (``flatten`` stores float32)."""
-    parts = []
-    for t in spec.tensors:
-        v = tensors[t.name]
-        if tuple(v.shape) != t.shape:
-            raise ValueError(f"tensor {t.name} has shape {tuple(v.shape)}, spec says {t.shape}")
-        parts.append(v.detach().to(torch.float64).reshape(-1).cpu())
-    return torch.cat(parts).numpy() if parts else np.zeros(0, dtype=np.float64)
-
-
 def clipped_gradient_sum(model: nn.Module, spec: AdapterSpec, params: Mapping[str, nn.Parameter],
                          per_example: Sequence[LossFn], *, clip: float) -> tuple[np.ndarray, dict[str, float]]:
     """Sum over examples of each gradient clipped to L2 norm ``clip`` (the norm over *every*
@@ -155,7 +144,7 @@ def clipped_gradient_sum(model: nn.Module, spec: AdapterSpec, params: Mapping[st
         factor = min(1.0, clip / norm) if norm > 0 else 1.0
         clipped += int(factor < 1.0)
         grads = {n: _grad(params[n]) for n in spec.names}
-        total += factor * _flatten64(spec, grads)
+        total += factor * spec.flatten(grads, dtype=torch.float64)
     model.zero_grad(set_to_none=True)
     return total, {"clipped_fraction": clipped / max(1, len(per_example))}
 
@@ -192,7 +181,7 @@ def fast_clipped_gradient_sum(model: nn.Module, spec: AdapterSpec, params: Mappi
                     totals[n] += factor * kept[id(p)][i].double()
         count += int(sq.shape[0])
     model.zero_grad(set_to_none=True)
-    return _flatten64(spec, totals), {"clipped_fraction": clipped / max(1, count)}
+    return spec.flatten(totals, dtype=torch.float64), {"clipped_fraction": clipped / max(1, count)}
 
 
 def dp_noised_update(clipped_sum: np.ndarray, n: int, *, lr: float, clip: float, noise_multiplier: float,

@@ -54,8 +54,9 @@ class AdapterSpec:
             ),
         )
 
-    def flatten(self, state: Mapping[str, torch.Tensor]) -> np.ndarray:
-        """Concatenate ``state`` (in spec order) into one float32 vector."""
+    def flatten(self, state: Mapping[str, torch.Tensor], *, dtype: torch.dtype = torch.float32) -> np.ndarray:
+        """Concatenate ``state`` (in spec order) into one vector (float32, the wire format;
+        ``dtype=torch.float64`` for sums that must not round on the way, as a DP clipped sum)."""
         missing = [t.name for t in self.tensors if t.name not in state]
         if missing:
             raise UpdateError(f"adapter state lacks tensors {missing[:3]}{'...' if len(missing) > 3 else ''}")
@@ -64,8 +65,8 @@ class AdapterSpec:
             v = state[t.name]
             if tuple(v.shape) != t.shape:
                 raise UpdateError(f"tensor {t.name} has shape {tuple(v.shape)}, spec says {t.shape}")
-            parts.append(v.detach().to(torch.float32).reshape(-1).cpu())
-        return torch.cat(parts).numpy() if parts else np.zeros(0, dtype=np.float32)
+            parts.append(v.detach().to(dtype).reshape(-1).cpu())
+        return torch.cat(parts).numpy() if parts else torch.zeros(0, dtype=dtype).numpy()
 
     def unflatten(self, vector: np.ndarray) -> dict[str, torch.Tensor]:
         """Split a flat vector back into named tensors (a copy; float32 storage)."""
