@@ -1,7 +1,7 @@
 """DP-SGD overhead on SmolLM2-135M, and federated DP-LoRA utility on Rotten Tomatoes.
 
 Usage: ``python benchmarks/dp.py [--quick] [--json PATH] [--part overhead|utility|all]
-[--utility-model minilm-l6|smollm2-135m]``
+[--utility-model minilm-l6|smollm2-135m] [--jobs N] [--threads N]``
 
 (a) Overhead (issue 5): one DP-LoRA step against one non-private LoRA step on
     the real ``smollm2-135m`` (LoRA r = 8 on q_proj, v_proj; batch 8 x 64
@@ -26,7 +26,8 @@ Usage: ``python benchmarks/dp.py [--quick] [--json PATH] [--part overhead|utilit
     spent (the runs, with their ledgers and privacy reports, stay under
     ``--runs-dir``). Default model ``smollm2-135m`` (the default experiment's
     verbalized task); ``--utility-model minilm-l6`` (LoRA + classification
-    head) is ~10x faster per step. JSON: ``utility``.
+    head) is ~10x faster per step. ``--jobs 2`` runs the epsilons in two
+    processes side by side. JSON: ``utility``.
 """
 
 from __future__ import annotations
@@ -260,16 +261,19 @@ def _utility_worker(spec: dict[str, Any]) -> dict[str, Any]:
         f"eval.every={rounds}", 'dp.accountant="pld"', "dp.delta=1e-5", "run.overwrite=true",
         f"run.threads={spec['threads']}",
     ]
+    if spec["model"] == "minilm-l6":  # BERT names its attention projections query/key/value
+        base.append('peft.target_modules=["query", "value"]')
     rows: list[dict[str, Any]] = []
     zero_shot: float | None = None
     for i, eps in enumerate(spec["epsilons"]):
         label = "inf" if eps is None else f"{eps:g}"
-        ov = [*base, f'run.name="eps-{label}"', f"eval.before={'true' if i == 0 else 'false'}"]
+        before = i == 0 and spec.get("zero_shot", True)
+        ov = [*base, f'run.name="eps-{label}"', f"eval.before={'true' if before else 'false'}"]
         if eps is not None:
             ov += ["dp.sample.enabled=true", f"dp.sample.target_epsilon={eps}", f"dp.sample.clip={spec['clip']}",
                    f'dp.sample.mode="{spec["mode"]}"']
         summary = run_experiment(load_config(overrides=ov), Path(spec["runs_dir"]) / f"eps-{label}")
-        if i == 0 and summary["baseline_eval"]:
+        if before and summary["baseline_eval"]:
             zero_shot = summary["baseline_eval"]["accuracy"]
         priv = summary.get("privacy") or {}
         spent = (priv.get("spent") or {}).get("sample_epsilon")
@@ -290,22 +294,33 @@ def _utility_worker(spec: dict[str, Any]) -> dict[str, Any]:
 
 UTILITY_SETUPS: dict[str, dict[str, Any]] = {
     # The causal LM with a verbalizer (the default experiment's task; zero-shot is already above chance).
-    "smollm2-135m": {"per_client": 250, "rounds": 3, "local_steps": 5, "batch": 8, "lr": 1e-3, "test": 200},
+    "smollm2-135m": {"per_client": 250, "rounds": 3, "local_steps": 10, "batch": 8, "lr": 1e-3, "test": 600},
     # Encoder with a new classification head (trained with the adapter): ~10x faster per step.
     "minilm-l6": {"per_client": 1000, "rounds": 3, "local_steps": 8, "batch": 32, "lr": 5e-3, "test": 500},
 }
 QUICK = {"per_client": 100, "rounds": 1, "local_steps": 2, "batch": 8, "test": 48}
 
 
-def utility(quick: bool, mode: str, model: str, runs_dir: Path, threads: int) -> dict[str, Any]:
+def utility(quick: bool, mode: str, model: str, runs_dir: Path, threads: int, jobs: int = 1) -> dict[str, Any]:
+    """One run per epsilon; ``jobs`` worker processes share them out (each with ``threads`` threads:
+    on 2 cores, two 1-thread runs side by side beat one 2-thread run)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     spec: dict[str, Any] = {"model": model, "clients": 4, "clip": 1.0, "mode": mode, **UTILITY_SETUPS[model],
                             "runs_dir": str(runs_dir), "threads": threads}
     if quick:
         spec.update(QUICK)
-    spec["epsilons"] = [1.0, 3.0, 8.0, None]
-    out = _run_worker("utility", spec)
-    if "error" in out:
-        return {"error": out["error"][-2000:], "setup": spec}
+    epsilons: list[float | None] = [1.0, 3.0, 8.0, None]
+    groups = [epsilons[j::jobs] for j in range(max(1, jobs)) if epsilons[j::jobs]]
+    specs = [{**spec, "epsilons": g, "zero_shot": j == 0} for j, g in enumerate(groups)]
+    with ThreadPoolExecutor(len(specs)) as pool:
+        outs = list(pool.map(lambda sp: _run_worker("utility", sp), specs))
+    failed = [o for o in outs if "error" in o]
+    if failed:
+        return {"error": failed[0]["error"][-2000:], "setup": spec}
+    by_label = {row["target_epsilon"]: row for o in outs for row in o["rows"]}
+    out = {"zero_shot_accuracy": outs[0]["zero_shot_accuracy"],
+           "rows": [by_label["inf" if e is None else f"{e:g}"] for e in epsilons]}
     task = ("seq-cls head on the encoder" if model == "minilm-l6" else "verbalized prompt, label-word likelihood")
     return {
         "model": model,
@@ -331,6 +346,8 @@ def main() -> None:
                     help="where the utility runs (with their ledgers and privacy reports) are written")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads of the utility runs (1: on a shared 2-core machine, 2 threads under load ran 8x slower)")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="utility runs side by side, one process each (2 on a 2-core machine with --threads 1)")
     ap.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -359,7 +376,7 @@ def main() -> None:
         print(f"    noise for {sn['adapter_dim']} values: CSPRNG {sn['noise_secure_s'] * 1e3:.1f} ms, "
               f"torch {sn['noise_torch_s'] * 1e3:.1f} ms")
     if args.part in ("utility", "all"):
-        ut = utility(args.quick, best, args.utility_model, args.runs_dir, args.threads)
+        ut = utility(args.quick, best, args.utility_model, args.runs_dir, args.threads, args.jobs)
         result["utility"] = ut
         if "error" in ut:
             print("(b) utility FAILED:", ut["error"][-500:])
