@@ -259,7 +259,7 @@ def _utility_worker(spec: dict[str, Any]) -> dict[str, Any]:
         f"train.local_steps={spec['local_steps']}", f"train.batch_size={spec['batch']}", f"train.lr={spec['lr']}",
         'train.optimizer="adamw"', "server.weighted=false", f"eval.max_examples={spec['test']}",
         f"eval.every={rounds}", 'dp.accountant="pld"', "dp.delta=1e-5", "run.overwrite=true",
-        f"run.threads={spec['threads']}",
+        f"run.threads={spec['threads']}", f"run.seed={spec.get('seed', 0)}",
     ]
     if spec["model"] == "minilm-l6":  # BERT names its attention projections query/key/value
         base.append('peft.target_modules=["query", "value"]')
@@ -301,13 +301,14 @@ UTILITY_SETUPS: dict[str, dict[str, Any]] = {
 QUICK = {"per_client": 100, "rounds": 1, "local_steps": 2, "batch": 8, "test": 48}
 
 
-def utility(quick: bool, mode: str, model: str, runs_dir: Path, threads: int, jobs: int = 1) -> dict[str, Any]:
+def utility(quick: bool, mode: str, model: str, runs_dir: Path, threads: int, jobs: int = 1,
+            seed: int = 0) -> dict[str, Any]:
     """One run per epsilon; ``jobs`` worker processes share them out (each with ``threads`` threads:
     on 2 cores, two 1-thread runs side by side beat one 2-thread run)."""
     from concurrent.futures import ThreadPoolExecutor
 
     spec: dict[str, Any] = {"model": model, "clients": 4, "clip": 1.0, "mode": mode, **UTILITY_SETUPS[model],
-                            "runs_dir": str(runs_dir), "threads": threads}
+                            "runs_dir": str(runs_dir), "threads": threads, "seed": seed}
     if quick:
         spec.update(QUICK)
     epsilons: list[float | None] = [1.0, 3.0, 8.0, None]
@@ -348,6 +349,8 @@ def main() -> None:
                     help="torch threads of the utility runs (1: on a shared 2-core machine, 2 threads under load ran 8x slower)")
     ap.add_argument("--jobs", type=int, default=1,
                     help="utility runs side by side, one process each (2 on a 2-core machine with --threads 1)")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="utility runs' run.seed (data split, partition, batches, adapter init; DP noise is CSPRNG)")
     ap.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -376,7 +379,7 @@ def main() -> None:
         print(f"    noise for {sn['adapter_dim']} values: CSPRNG {sn['noise_secure_s'] * 1e3:.1f} ms, "
               f"torch {sn['noise_torch_s'] * 1e3:.1f} ms")
     if args.part in ("utility", "all"):
-        ut = utility(args.quick, best, args.utility_model, args.runs_dir, args.threads, args.jobs)
+        ut = utility(args.quick, best, args.utility_model, args.runs_dir, args.threads, args.jobs, args.seed)
         result["utility"] = ut
         if "error" in ut:
             print("(b) utility FAILED:", ut["error"][-500:])
