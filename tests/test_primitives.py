@@ -13,7 +13,6 @@ import hashlib
 import hmac
 import itertools
 import json
-import random as stdlib_random  # test-only: choosing Miller-Rabin bases, never secrets
 import struct
 from pathlib import Path
 from typing import Any
@@ -82,25 +81,6 @@ def ref_interpolate(points: list[tuple[int, int]], p: int) -> int:
                 f = rows[r][col]
                 rows[r] = [(a - f * b) % p for a, b in zip(rows[r], rows[col], strict=True)]
     return rows[0][t]
-
-
-def miller_rabin(n: int, rounds: int = 40) -> bool:
-    d, s = n - 1, 0
-    while d % 2 == 0:
-        d, s = d // 2, s + 1
-    rng = stdlib_random.Random(1)  # noqa: S311 - picks test bases, not secrets
-    for _ in range(rounds):
-        a = rng.randrange(2, n - 1)
-        x = pow(a, d, n)
-        if x in (1, n - 1):
-            continue
-        for _ in range(s - 1):
-            x = x * x % n
-            if x == n - 1:
-                break
-        else:
-            return False
-    return True
 
 
 # -- PRG ---------------------------------------------------------------------------
@@ -188,7 +168,7 @@ def test_low_order_and_malformed_public_keys_are_refused() -> None:
 
 def test_prime_is_the_smallest_prime_above_2_256() -> None:
     p = shamir.PRIME
-    assert p > 2**256 and miller_rabin(p) and sympy.isprime(p)
+    assert p > 2**256 and sympy.isprime(p)  # sympy: BPSW, an implementation independent of ours
     assert sympy.nextprime(2**256) == p
 
 

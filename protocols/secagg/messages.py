@@ -28,7 +28,7 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Final
+from typing import ClassVar, Final, Self
 
 import numpy as np
 
@@ -290,20 +290,21 @@ def _shares_body_max(limits: Limits) -> int:
 
 
 @dataclass(frozen=True)
-class ShareKeys:
-    """Client -> server: one encrypted share bundle per neighbour (``peer`` = recipient)."""
+class _SharesMessage:
+    """A round index and a list of encrypted share bundles; the subclass fixes the kind."""
 
+    KIND: ClassVar[Kind]
     round_index: int
     shares: tuple[EncryptedShare, ...]
 
     def encode(self) -> bytes:
         w = _start(self.round_index)
         _write_shares(w, self.shares)
-        return pack(PROTOCOL_ID, Kind.SHARE_KEYS, w.getvalue())
+        return pack(PROTOCOL_ID, self.KIND, w.getvalue())
 
     @classmethod
-    def decode(cls, data: bytes, limits: Limits) -> ShareKeys:
-        r = _open(data, Kind.SHARE_KEYS, _shares_body_max(limits))
+    def decode(cls, data: bytes, limits: Limits) -> Self:
+        r = _open(data, cls.KIND, _shares_body_max(limits))
         round_index = r.u64()
         shares = _read_shares(r, limits.max_clients)
         r.done()
@@ -311,24 +312,17 @@ class ShareKeys:
 
 
 @dataclass(frozen=True)
-class MaskedInputRequest:
+class ShareKeys(_SharesMessage):
+    """Client -> server: one encrypted share bundle per neighbour (``peer`` = recipient)."""
+
+    KIND: ClassVar[Kind] = Kind.SHARE_KEYS
+
+
+@dataclass(frozen=True)
+class MaskedInputRequest(_SharesMessage):
     """Server -> client: the bundles addressed to it (``peer`` = sender)."""
 
-    round_index: int
-    shares: tuple[EncryptedShare, ...]
-
-    def encode(self) -> bytes:
-        w = _start(self.round_index)
-        _write_shares(w, self.shares)
-        return pack(PROTOCOL_ID, Kind.MASKED_INPUT_REQUEST, w.getvalue())
-
-    @classmethod
-    def decode(cls, data: bytes, limits: Limits) -> MaskedInputRequest:
-        r = _open(data, Kind.MASKED_INPUT_REQUEST, _shares_body_max(limits))
-        round_index = r.u64()
-        shares = _read_shares(r, limits.max_clients)
-        r.done()
-        return cls(round_index, shares)
+    KIND: ClassVar[Kind] = Kind.MASKED_INPUT_REQUEST
 
 
 @dataclass(frozen=True)
