@@ -312,7 +312,8 @@ def utility(quick: bool, mode: str, model: str, runs_dir: Path, threads: int, jo
     if quick:
         spec.update(QUICK)
     epsilons: list[float | None] = [1.0, 3.0, 8.0, None]
-    groups = [epsilons[j::jobs] for j in range(max(1, jobs)) if epsilons[j::jobs]]
+    jobs = max(1, min(jobs, len(epsilons)))
+    groups = [epsilons[j::jobs] for j in range(jobs)]
     specs = [{**spec, "epsilons": g, "zero_shot": j == 0} for j, g in enumerate(groups)]
     with ThreadPoolExecutor(len(specs)) as pool:
         outs = list(pool.map(lambda sp: _run_worker("utility", sp), specs))
