@@ -161,7 +161,6 @@ class PerExampleGradients:
             if losses.ndim != 1:
                 raise ValueError("a batched loss must return one loss per example (a 1-D tensor)")
             k = losses.shape[0]
-            self.k = k
             losses.sum().backward()
         finally:
             for h in handles:

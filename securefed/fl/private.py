@@ -103,7 +103,7 @@ def run_fingerprint(cfg: RunConfig, train_fingerprint: str, client_sizes: Sequen
 class RoundRelease:
     """What the server may apply after a committed round."""
 
-    average: np.ndarray | None  # None: nothing to apply (no user-level noise and no aggregate)
+    average: np.ndarray | None  # user level: the noised average (every round); None: the loop averages the sum
     spent: PrivacySpent
     info: Mapping[str, Any]
 
@@ -206,9 +206,7 @@ class LoopPrivacy:
         if fed is not None and released is not None:
             fed.advance(released)
             return RoundRelease(released.average, spent, info)
-        if result is None:
-            return RoundRelease(None, spent, info)
-        return RoundRelease(result.total / max(result.total_weight, 1e-12), spent, info)
+        return RoundRelease(None, spent, info)
 
     def close(self) -> None:
         self.session.close()

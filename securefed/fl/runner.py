@@ -249,14 +249,14 @@ def run_one_round(exp: Experiment, r: int, progress: Progress) -> dict[str, Any]
     if res is not None and (res.total.shape[0] != (priv.payload_dim(dim) if priv else dim)
                             or not np.isfinite(res.total).all()):
         raise RunError("aggregate has the wrong length or non-finite entries")
-    avg: np.ndarray | None
+    avg: np.ndarray | None = None
     if priv and ticket is not None:
         # The ledger commit comes before the new model exists anywhere (docs/differential-privacy.md §9).
         rel = priv.release(ticket, res, dim, dp_runs)
-        avg = rel.average
+        avg = rel.average  # user-level DP: the server's noised average, released every round
         record["privacy"] = spent_record(rel.spent) | {k: v for k, v in rel.info.items() if v is not None}
-    else:
-        avg = res.total / max(res.total_weight, 1e-12) if res is not None else None
+    if avg is None and res is not None:
+        avg = res.total / max(res.total_weight, 1e-12)
     if avg is not None:
         exp.global_vector = exp.server_opt.step(exp.global_vector, avg)
         record["update_norm"] = float(np.linalg.norm(avg))
